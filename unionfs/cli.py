@@ -1,0 +1,71 @@
+"""Command line entry point: parses arguments, dispatches, maps errors to exit codes.
+
+Subcommand families live in their own modules, each exposing ``main(argv) -> int`` where
+``argv`` starts with the subcommand name:
+
+* mount, umount, install-helper, and the fuse-overlayfs form ``-o lowerdir=..`` -> unionfs.mountcli
+* inspect, layers, stats                                  -> unionfs.inspectcli
+* diff, export, import                                    -> unionfs.layertools.cli
+* run, ps, rm, port, network, net                         -> unionfs.net.cli
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from unionfs.errors import UnionfsError
+
+_FAMILIES = {
+    "unionfs.mountcli": ("mount", "umount", "install-helper"),
+    "unionfs.inspectcli": ("inspect", "layers", "stats"),
+    "unionfs.layertools.cli": ("diff", "export", "import"),
+    "unionfs.net.cli": ("run", "ps", "rm", "port", "network", "net"),
+}
+
+USAGE = """\
+usage: unionfs mount [--lower DIR]... [--upper DIR --workdir DIR] [-o OPT] [-f] [-d] MNT
+       unionfs -o lowerdir=L1:L2,upperdir=U,workdir=W [-f] [-d] MNT   (fuse-overlayfs form)
+       unionfs umount [-z] MNT
+       unionfs inspect [--json] PATH... | layers MNT | stats [--follow] MNT
+       unionfs diff | export | import ...
+       unionfs run [OPTIONS] ROOTFS -- CMD... | ps | rm NAME | port NAME | network ls|inspect
+       unionfs net gc
+       unionfs install-helper        (installs /sbin/mount.fuse.unionfs)
+"""
+
+
+def _module_for(command: str) -> str | None:
+    for module, commands in _FAMILIES.items():
+        if command in commands:
+            return module
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if args else 2
+    if args[0] == "--version":
+        from unionfs import __version__
+
+        print(f"unionfs {__version__}")
+        return 0
+    module_name = _module_for(args[0])
+    if module_name is None:
+        # Anything else is the fuse-overlayfs / mount-helper form: options and a mountpoint.
+        module_name = "unionfs.mountcli"
+        args = ["mount", "--compat", *args]
+    try:
+        module = importlib.import_module(module_name)
+        return int(module.main(args))
+    except UnionfsError as exc:
+        print(f"unionfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
