@@ -1,0 +1,1 @@
+"""Benchmark harness: unionfs against the kernel's overlayfs and fuse-overlayfs (issue 4)."""
