@@ -1,0 +1,202 @@
+"""Forking a container: new mount, UTS, IPC and PID namespaces, pivot_root into the rootfs.
+
+Two processes are forked.  The *shim* (a child of the caller) unshares the namespaces, joins the
+network namespace, and forks the container's *init*, which becomes PID 1 of the new PID
+namespace, mounts /proc and a small /dev, pivots into the rootfs, detaches the old root (so no
+host mount, in particular no namespace bind mount, stays reachable) and execs the command.  The
+shim waits for init and exits with its status (128+N for signal N), so the caller waits for
+the shim.  Setup errors travel back over a close-on-exec pipe: EOF without data means exec
+succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from unionfs.errors import UnionfsError
+from unionfs.net import syscalls as sc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+EXIT_SETUP_FAILED = 125
+EXIT_NOT_FOUND = 127
+
+
+class StartError(UnionfsError):
+    """The container could not be started; ``exit_code`` follows Docker (125, 126 or 127)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class LaunchSpec:
+    """What to run and where."""
+
+    rootfs: Path
+    command: list[str]
+    env: dict[str, str]
+    hostname: str
+    netns_path: str | None
+
+
+@dataclass
+class Launched:
+    """The host PIDs of the shim (our child, to wait for) and of the container's init."""
+
+    shim: int
+    init: int
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _setup_dev(dev: Path) -> None:
+    sc.mount("tmpfs", str(dev), "tmpfs", sc.MS_NOSUID, "mode=755,size=64k")
+    for name in DEVICES:
+        source = Path("/dev") / name
+        if not source.exists():
+            continue
+        (dev / name).touch()
+        sc.mount(str(source), str(dev / name), None, sc.MS_BIND, None)
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        os.symlink(target, dev / name)
+    (dev / "shm").mkdir()
+    (dev / "pts").mkdir()
+
+
+def _init_child(spec: LaunchSpec, err_w: int) -> None:
+    """Runs as PID 1 of the new PID namespace; never returns."""
+    code = EXIT_SETUP_FAILED
+    try:
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        root = str(spec.rootfs)
+        # Private propagation first: nothing below may leak back into the caller's namespace.
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE, None)
+        sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC, None)
+        proc = spec.rootfs / "proc"
+        if not proc.is_dir() or proc.is_symlink():
+            proc.mkdir(mode=0o555)
+        sc.mount("proc", str(proc), "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None)
+        dev = spec.rootfs / "dev"
+        if dev.is_dir() and not dev.is_symlink():
+            _setup_dev(dev)
+        os.chdir(root)
+        # pivot_root(".", ".") stacks the old root under the new one; detaching "." then
+        # removes it, leaving only the rootfs mounted.
+        sc.pivot_root(".", ".")
+        sc.umount2(".", sc.MNT_DETACH)
+        os.chdir("/")
+        sc.sethostname(spec.hostname)
+        code = EXIT_NOT_FOUND
+        try:
+            os.execvpe(spec.command[0], spec.command, spec.env)
+        except PermissionError:
+            code = 126
+            raise
+    except OSError as exc:
+        what = exc.strerror or str(exc)
+        if code != EXIT_SETUP_FAILED:
+            what = f"exec {spec.command[0]!r}: {what}"
+        with contextlib.suppress(OSError):
+            _write_all(err_w, f"{code} {what}".encode())
+    except BaseException as exc:  # noqa: BLE001 - we are a forked child and must _exit
+        with contextlib.suppress(OSError):
+            _write_all(err_w, f"{EXIT_SETUP_FAILED} {exc}".encode())
+    os._exit(code)
+
+
+def _shim(spec: LaunchSpec, err_w: int, pid_w: int) -> None:
+    """The caller's child: enters namespaces, forks init, waits; never returns."""
+    try:
+        flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
+        sc.unshare(flags)
+        if spec.netns_path is not None:
+            fd = os.open(spec.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            sc.setns(fd, sc.CLONE_NEWNET)
+            os.close(fd)
+        init = os.fork()
+        if init == 0:
+            os.close(pid_w)
+            _init_child(spec, err_w)
+        os.close(err_w)
+        _write_all(pid_w, str(init).encode())
+        os.close(pid_w)
+        # The caller forwards signals to init; the shim only relays init's exit status.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+        _, status = os.waitpid(init, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code)
+    except BaseException as exc:  # noqa: BLE001 - forked child
+        with contextlib.suppress(OSError):
+            _write_all(err_w, f"{EXIT_SETUP_FAILED} {exc}".encode())
+        os._exit(EXIT_SETUP_FAILED)
+
+
+def launch(spec: LaunchSpec) -> Launched:
+    """Start the container; return once its command has been exec'ed.
+
+    Raises :class:`StartError` (after reaping the shim) if setup or exec failed.
+    """
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    shim = os.fork()
+    if shim == 0:
+        os.close(err_r)
+        os.close(pid_r)
+        _shim(spec, err_w, pid_w)
+    os.close(err_w)
+    os.close(pid_w)
+    try:
+        raw_pid = _read_all(pid_r)
+        error = _read_all(err_r).decode(errors="replace")
+    finally:
+        os.close(pid_r)
+        os.close(err_r)
+    if error or not raw_pid:
+        os.waitpid(shim, 0)
+        code_text, _, message = error.partition(" ")
+        code = int(code_text) if code_text.isdigit() else EXIT_SETUP_FAILED
+        raise StartError(message or "container setup failed", code)
+    init = int(raw_pid)
+    log.debug("container init pid %d (shim %d)", init, shim)
+    return Launched(shim=shim, init=init)
+
+
+def check_rootfs(rootfs: Path) -> Path:
+    """Resolve ``rootfs``; raise :class:`UnionfsError` unless it is a directory."""
+    try:
+        st = os.stat(rootfs)
+    except OSError as exc:
+        raise UnionfsError(f"rootfs {rootfs}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnionfsError(f"rootfs {rootfs} is not a directory")
+    return rootfs.resolve()
