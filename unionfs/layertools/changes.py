@@ -1,0 +1,189 @@
+"""``unionfs diff``: the change list of an upper layer against its lowers, like ``docker diff``.
+
+The change list compares two views: the merged view of the lowers alone (the "before") and the
+merged view with the upper on top (the "after"). Rules, following Docker's overlay driver:
+
+* an upper entry whose path exists in the lowers' view is ``C`` (changed), else ``A`` (added);
+* a whiteout is ``D`` when its name exists in the lowers' view (Docker reports every whiteout;
+  a whiteout that hides nothing changes nothing, so it is left out);
+* an opaque directory reports ``D`` for each name of the lowers' directory it hides (not for
+  their descendants: deleting a directory is one ``D`` line, as in Docker), and itself as ``C``
+  when the path exists below, ``A`` when it does not;
+* a directory that exists below is ``C`` when its mode, owner or mtime differ from the lower
+  one, and always when something below it changed (Docker reports changed parents);
+  a directory that was copied up without any change is not reported.
+
+Without lowers the "before" view is unknown: every upper entry is ``A`` and every whiteout
+``D``. Output is sorted by path components, so a directory comes right before its contents.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from unionfs.errors import UnionfsError
+from unionfs.layertools.layerscan import (
+    LayerPath,
+    display,
+    is_dir,
+    open_dir,
+    opened_dir,
+    scan_dir,
+)
+
+ADDED = "A"
+CHANGED = "C"
+DELETED = "D"
+
+
+@dataclass(frozen=True, order=True)
+class Change:
+    """One line of the change list: ``kind`` is ``A``, ``C`` or ``D``."""
+
+    path: LayerPath
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {display(self.path)}"
+
+
+class LowerView:
+    """The merged, read-only view of a stack of lower layers (top first), by path.
+
+    Resolution follows the overlayfs rules: the topmost layer holding a name wins, a whiteout
+    ends the search, a non-directory ends a merge, an opaque directory stops it. Every step
+    is an ``openat`` relative to a directory descriptor, never following symlinks.
+    """
+
+    def __init__(self, lowers: Sequence[Path]) -> None:
+        self._roots: list[int] = []
+        self._dirs: dict[LayerPath, list[int]] = {}
+        try:
+            for lower in lowers:
+                self._roots.append(open_dir(os.fsencode(lower)))
+        except OSError as exc:
+            self.close()
+            raise UnionfsError(f"cannot open lower layer {exc.filename!r}: {exc.strerror}") from exc
+        self.known = bool(lowers)
+
+    def close(self) -> None:
+        """Close every descriptor this view holds."""
+        for fds in self._dirs.values():
+            for fd in fds:
+                if fd not in self._roots:
+                    os.close(fd)
+        for fd in self._roots:
+            os.close(fd)
+        self._dirs.clear()
+        self._roots.clear()
+
+    def __enter__(self) -> LowerView:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _layer_dirs(self, path: LayerPath) -> list[int]:
+        """Descriptors of the layers' directories merged at ``path``, top first."""
+        if path in self._dirs:
+            return self._dirs[path]
+        if not path:
+            merged: list[int] = []
+            for fd in self._roots:
+                merged.append(fd)
+                if scan_dir(fd).opaque:
+                    break
+            self._dirs[path] = merged
+            return merged
+        merged = []
+        name = path[-1]
+        for parent_fd in self._layer_dirs(path[:-1]):
+            layer = scan_dir(parent_fd)
+            st = layer.entries.get(name)
+            if st is None:
+                if name in layer.whiteouts:
+                    break
+                continue
+            if not is_dir(st):
+                break
+            fd = open_dir(name, parent_fd)
+            merged.append(fd)
+            if scan_dir(fd).opaque:
+                break
+        self._dirs[path] = merged
+        return merged
+
+    def lookup(self, path: LayerPath) -> os.stat_result | None:
+        """The ``lstat`` of ``path`` in the lowers' merged view, or None when it is absent."""
+        if not path:
+            return os.fstat(self._roots[0]) if self._roots else None
+        return self.listdir(path[:-1]).get(path[-1])
+
+    def listdir(self, path: LayerPath) -> dict[bytes, os.stat_result]:
+        """The merged entries of directory ``path`` (empty when it is not a directory)."""
+        merged: dict[bytes, os.stat_result] = {}
+        hidden: set[bytes] = set()
+        for fd in self._layer_dirs(path):
+            layer = scan_dir(fd)
+            for name, st in layer.entries.items():
+                if name not in merged and name not in hidden:
+                    merged[name] = st
+            hidden |= layer.whiteouts
+        return merged
+
+
+def _dir_changed(upper: os.stat_result, lower: os.stat_result) -> bool:
+    return (
+        stat.S_IMODE(upper.st_mode) != stat.S_IMODE(lower.st_mode)
+        or upper.st_uid != lower.st_uid
+        or upper.st_gid != lower.st_gid
+        or upper.st_mtime_ns != lower.st_mtime_ns
+    )
+
+
+def _walk(upper_fd: int, path: LayerPath, lowers: LowerView, out: dict[LayerPath, str]) -> bool:
+    """Record the changes under directory ``path`` in ``out``; return whether it is opaque."""
+    layer = scan_dir(upper_fd)
+    below = lowers.listdir(path) if lowers.known else {}
+    for name in layer.whiteouts:
+        if name not in layer.entries and (name in below or not lowers.known):
+            out[path + (name,)] = DELETED
+    if layer.opaque:
+        for name in below:
+            if name not in layer.entries:
+                out[path + (name,)] = DELETED
+    for name, st in layer.entries.items():
+        child = path + (name,)
+        lower_st = below.get(name)
+        if lower_st is None:
+            out[child] = ADDED
+        elif not (is_dir(st) and is_dir(lower_st)) or _dir_changed(st, lower_st):
+            out[child] = CHANGED
+        if is_dir(st):
+            with opened_dir(name, upper_fd) as child_fd:
+                if _walk(child_fd, child, lowers, out) and lower_st is not None:
+                    out[child] = CHANGED
+    return layer.opaque
+
+
+def compute_changes(upper: Path, lowers: Sequence[Path] = ()) -> list[Change]:
+    """The change list of ``upper`` over ``lowers`` (top first), sorted by path components.
+
+    Raises :class:`UnionfsError` when a layer cannot be opened or read.
+    """
+    out: dict[LayerPath, str] = {}
+    try:
+        with LowerView(lowers) as view, opened_dir(os.fsencode(upper)) as upper_fd:
+            _walk(upper_fd, (), view, out)
+    except UnionfsError:
+        raise
+    except OSError as exc:
+        raise UnionfsError(f"cannot read layer: {exc}") from exc
+    for path in list(out):
+        for depth in range(1, len(path)):
+            out.setdefault(path[:depth], CHANGED)
+    return sorted(Change(path, kind) for path, kind in out.items())

@@ -1,0 +1,110 @@
+"""How one directory of a layer reads: its entries, its whiteouts, and whether it is opaque.
+
+Every form listed in :mod:`unionfs.whiteout` is recognised: char 0/0 whiteouts, ``.wh.<name>``
+files, xattr whiteouts inside a directory whose ``overlay.opaque`` is ``"x"``, the
+``overlay.opaque="y"`` xattr and the ``.wh..wh..opq`` entry. Names are bytes throughout and
+every lookup is relative to a directory file descriptor without following symlinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from unionfs import whiteout
+
+log = logging.getLogger(__name__)
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Path of an entry inside a layer: its components from the layer root; () is the root.
+LayerPath = tuple[bytes, ...]
+
+
+def display(path: LayerPath) -> str:
+    """``path`` as the absolute, human-readable form used in messages and change lists."""
+    return "/" + os.fsdecode(b"/".join(path))
+
+
+@dataclass
+class LayerDir:
+    """The reading of one directory of one layer.
+
+    ``entries`` maps each visible name (not a marker, not a whiteout) to its ``lstat``;
+    ``whiteouts`` holds the names this directory hides in the layers below; ``opaque`` says
+    whether the same directory in the layers below is hidden as a whole.
+    """
+
+    entries: dict[bytes, os.stat_result] = field(default_factory=dict)
+    whiteouts: set[bytes] = field(default_factory=set)
+    opaque: bool = False
+
+
+def open_dir(name: bytes, dir_fd: int | None = None) -> int:
+    """Open the directory ``name`` (relative to ``dir_fd``) without following a symlink."""
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+
+
+@contextmanager
+def opened_dir(name: bytes, dir_fd: int | None = None) -> Iterator[int]:
+    """:func:`open_dir` as a context manager that closes the descriptor."""
+    fd = open_dir(name, dir_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def list_names(dir_fd: int) -> list[bytes]:
+    """The names in the directory open as ``dir_fd``, as bytes, sorted."""
+    return sorted(os.fsencode(name) for name in os.listdir(dir_fd))
+
+
+def scan_dir(dir_fd: int) -> LayerDir:
+    """Read the directory open as ``dir_fd`` as one layer sees it (see :class:`LayerDir`).
+
+    Invalid OCI marker names (``.wh.``, ``.wh..``, ``.wh..wh.x``...) hide nothing and are
+    skipped with a warning; they are never reported as entries.
+    """
+    result = LayerDir()
+    opaque_value = whiteout.opaque_value(dir_fd)
+    result.opaque = opaque_value == whiteout.OPAQUE_YES
+    xattr_whiteouts = opaque_value == whiteout.OPAQUE_XWHITEOUTS
+    for name in list_names(dir_fd):
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if name == whiteout.OCI_OPAQUE_NAME:
+            result.opaque = True
+        elif whiteout.is_marker_name(name):
+            target = valid_whiteout_target(name)
+            if target is None:
+                log.warning("ignoring invalid whiteout marker %r", os.fsdecode(name))
+            else:
+                result.whiteouts.add(target)
+        elif whiteout.is_chardev_whiteout(st) or (
+            xattr_whiteouts and whiteout.is_xattr_whiteout(dir_fd, name, st)
+        ):
+            result.whiteouts.add(name)
+        else:
+            result.entries[name] = st
+    return result
+
+
+def valid_whiteout_target(name: bytes) -> bytes | None:
+    """The name hidden by the OCI whiteout ``name``, or None when it is not a valid one.
+
+    Stricter than :func:`unionfs.whiteout.oci_target`: a target that is itself a marker
+    (``.wh..wh.foo``, AUFS metadata) is refused too.
+    """
+    target = whiteout.oci_target(name)
+    if target is None or whiteout.is_marker_name(target) or b"/" in target or b"\0" in target:
+        return None
+    return target
+
+
+def is_dir(st: os.stat_result) -> bool:
+    """True when ``st`` describes a directory."""
+    return stat.S_ISDIR(st.st_mode)
