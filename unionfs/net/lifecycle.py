@@ -402,7 +402,7 @@ def _run_detached(cfg: NetConfig, created: Created) -> int:
         _supervise(cfg, created, log_path, ready_w)
     os.close(ready_w)
     with os.fdopen(ready_r, "rb") as f:
-        message = f.read().decode(errors="replace")
+        message = f.readline().decode(errors="replace").strip()
     for sock in created.port_sockets:
         sock.close()
     if message.startswith("ok"):
@@ -432,12 +432,12 @@ def _supervise(cfg: NetConfig, created: Created, log_path: Path, ready_w: int) -
             launched = process.launch(created.launch)
             _mark_running(cfg, created.record, launched)
         except process.StartError as exc:
-            os.write(ready_w, f"{exc.exit_code} {exc}".encode())
+            os.write(ready_w, f"{exc.exit_code} {exc}\n".encode())
             raise
         except BaseException as exc:
-            os.write(ready_w, f"125 {exc}".encode())
+            os.write(ready_w, f"125 {exc}\n".encode())
             raise
-        os.write(ready_w, b"ok")
+        os.write(ready_w, b"ok\n")
         os.close(ready_w)
         for s in (signal.SIGINT, signal.SIGHUP):
             signal.signal(s, signal.SIG_IGN)

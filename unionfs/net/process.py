@@ -131,9 +131,19 @@ def _init_child(spec: LaunchSpec, err_w: int) -> None:
     os._exit(code)
 
 
+def _close_fds_except(keep: set[int]) -> None:
+    """Close every descriptor above stderr not in ``keep`` (the caller's sockets, pipes, lock)."""
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def _shim(spec: LaunchSpec, err_w: int, pid_w: int) -> None:
     """The caller's child: enters namespaces, forks init, waits; never returns."""
     try:
+        _close_fds_except({err_w, pid_w})
         flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
         sc.unshare(flags)
         if spec.netns_path is not None:

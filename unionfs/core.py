@@ -1,0 +1,360 @@
+"""The union filesystem core: name resolution, attributes and reading, over directory fds.
+
+This module knows nothing about FUSE. Every method takes and returns plain Python values and
+raises :class:`OSError` with an errno; :mod:`unionfs.fuse_ops` translates. The write path
+(:mod:`unionfs.writes`) extends :class:`UnionCore`.
+
+Resolution rule (Linux overlayfs): a name is looked up top-down through the layers in which
+its parent is a merged directory; the first layer that has it wins; a whiteout ends the
+search; a non-directory hides everything below it; directories merge down to the first
+opaque one. All of it is answered from the parent's :class:`~unionfs.dirindex.DirIndex`.
+
+Every layer object is reached as ``name`` relative to a directory descriptor of its parent in
+that layer, with no-follow semantics, so nothing inside a layer can point the daemon at a
+file outside the layer roots.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+from unionfs import whiteout
+from unionfs.config import MountConfig
+from unionfs.dirindex import DirIndex, build_index
+from unionfs.inodes import ROOT_INO, Node, NodeTable
+from unionfs.layers import LayerStack, open_dir_at
+from unionfs.stats import Stats
+
+log = logging.getLogger(__name__)
+
+UPPER = 0
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@dataclass
+class Attr:
+    """What the adapter reports for an object: its layer stat and the numbers we show."""
+
+    ino: int
+    st: os.stat_result
+    nlink: int
+
+
+class FileHandle:
+    """An open regular file: the descriptor, the layer it was opened in, and its flags."""
+
+    __slots__ = ("fd", "node", "layer", "flags", "writable")
+
+    def __init__(self, fd: int, node: Node, layer: int, flags: int) -> None:
+        self.fd = fd
+        self.node = node
+        self.layer = layer
+        self.flags = flags
+        self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+
+
+class DirHandle:
+    """An open directory: a snapshot of its names, so offsets stay stable while it is read."""
+
+    __slots__ = ("node", "names")
+
+    def __init__(self, node: Node, names: list[bytes]) -> None:
+        self.node = node
+        self.names = names
+
+
+class UnionCore:
+    """Read side of the merged view. Owns the layer stack and the inode table."""
+
+    def __init__(self, cfg: MountConfig) -> None:
+        self.cfg = cfg
+        self.stack = LayerStack(cfg.lowers, cfg.upper)
+        self.table = NodeTable(self.stack)
+        self.stats = Stats(len(self.stack))
+        self.writable = cfg.writable
+        self.origin_xattr = whiteout.ORIGIN_XATTRS[1 if cfg.userxattr else 0]
+        self.opaque_xattr = whiteout.OPAQUE_XATTRS[1 if cfg.userxattr else 0]
+        self.file_handles: dict[int, FileHandle] = {}
+        self.dir_handles: dict[int, DirHandle] = {}
+        self._next_fh = 1
+
+    def close(self) -> None:
+        for fh in list(self.file_handles.values()):
+            os.close(fh.fd)
+        self.file_handles.clear()
+        self.table.close()
+        self.stack.close()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self.table.get(ino)
+        except KeyError:
+            raise _err(errno.ESTALE) from None
+
+    def parent_fd(self, node: Node, layer: int) -> int:
+        """Descriptor of ``node``'s parent directory in ``layer`` (node must not be root)."""
+        assert node.parent is not None
+        return self.table.dir_fd(node.parent, layer)
+
+    def lstat_in(self, node: Node, layer: int) -> os.stat_result:
+        if node.parent is None:
+            return os.stat(self.stack[layer].root_fd)
+        return os.stat(node.name, dir_fd=self.parent_fd(node, layer), follow_symlinks=False)
+
+    def index_of(self, node: Node) -> DirIndex:
+        """The merged index of directory ``node``, built on first use."""
+        index = node.index
+        if index is None:
+            if not node.is_dir:
+                raise _err(errno.ENOTDIR)
+            layer_fds = [(layer, self.table.dir_fd(node, layer)) for layer in node.layers]
+            index = build_index(layer_fds)
+            node.index = index
+            self.stats.dirs_indexed += 1
+        return index
+
+    def _is_opaque_dir(self, fd: int) -> bool:
+        if whiteout.opaque_value(fd) == whiteout.OPAQUE_YES:
+            return True
+        try:
+            os.stat(whiteout.OCI_OPAQUE_NAME, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _truncate_at_opaque(self, parent: Node, name: bytes, layers: tuple[int, ...]) -> tuple:
+        """Cut a directory chain after its first opaque layer (the last one is never checked)."""
+        for i, layer in enumerate(layers[:-1]):
+            fd = open_dir_at(self.table.dir_fd(parent, layer), name)
+            try:
+                if self._is_opaque_dir(fd):
+                    return layers[: i + 1]
+            finally:
+                os.close(fd)
+        return layers
+
+    def read_origin(self, dir_fd: int, name: bytes) -> int | None:
+        raw = whiteout.getxattr_at(dir_fd, name, self.origin_xattr)
+        if raw is not None and len(raw) == 8:
+            return int(struct.unpack("<Q", raw)[0])
+        return None
+
+    # -- resolution ---------------------------------------------------------------------
+
+    def resolve(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
+        """Find ``name`` in directory ``parent``; None when it is not in the merged view.
+
+        Returns the node (the live one if the object is already known, with its location
+        refreshed) and the stat of its topmost layer object. Does not count a lookup.
+        """
+        if whiteout.is_marker_name(name):
+            return None
+        index = self.index_of(parent)
+        entry = index.get(name)
+        if entry is None:
+            return None
+        is_dir, layers, checked = entry
+        if not checked:
+            layers = self._truncate_at_opaque(parent, name, layers)
+            index.set(name, (is_dir, layers, True))
+        top = layers[0]
+        pfd = self.table.dir_fd(parent, top)
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            index.discard(name)
+            return None
+        ino = None
+        if top == UPPER and self.stack.has_upper:
+            ino = self.read_origin(pfd, name)
+        if ino is None:
+            ino = self.stack.natural_ino(st.st_dev, st.st_ino)
+        node = self.table.nodes.get(ino)
+        if node is not None and (node.removed or node.is_dir != is_dir):
+            # The number belongs to an object removed through the mount (the kernel may still
+            # hold it) -- the layer filesystem reused it. Give this object its own number.
+            ino = self.stack.synthetic_ino(st.st_dev, st.st_ino)
+            node = self.table.nodes.get(ino)
+        if node is None:
+            node = Node(ino, parent, name, is_dir, layers)
+        else:
+            if node.is_dir and node.layers != layers:
+                node.index = None
+            node.parent, node.name, node.layers = parent, name, layers
+        self.stats.count_lookup(top)
+        return node, st
+
+    def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, Attr] | None:
+        """Resolve and count one lookup; None for a name that is not there (cacheable)."""
+        parent = self.node(parent_ino)
+        if name == b".":
+            self.table.remember(parent)
+            return parent, self.attr(parent)
+        if name == b"..":
+            target = parent.parent or parent
+            self.table.remember(target)
+            return target, self.attr(target)
+        found = self.resolve(parent, name)
+        if found is None:
+            self.stats.negative_lookups += 1
+            return None
+        node, st = found
+        node = self.table.remember(node)
+        return node, self._attr(node, st)
+
+    # -- attributes ---------------------------------------------------------------------
+
+    def _attr(self, node: Node, st: os.stat_result) -> Attr:
+        nlink = st.st_nlink
+        if node.is_dir and len(node.layers) > 1:
+            # The kernel reports 1 for merged directories rather than counting subdirectories.
+            nlink = 1
+        return Attr(node.ino, st, nlink)
+
+    def attr(self, node: Node) -> Attr:
+        try:
+            st = self.lstat_in(node, node.layer)
+        except FileNotFoundError:
+            raise _err(errno.ESTALE) from None
+        return self._attr(node, st)
+
+    def getattr(self, ino: int) -> Attr:
+        return self.attr(self.node(ino))
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if node.parent is None:
+            raise _err(errno.EINVAL)
+        return os.readlink(node.name, dir_fd=self.parent_fd(node, node.layer))
+
+    # -- directories --------------------------------------------------------------------
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def opendir(self, ino: int) -> int:
+        node = self.node(ino)
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        names = self.index_of(node).names()
+        fh = self._new_fh()
+        self.dir_handles[fh] = DirHandle(node, names)
+        return fh
+
+    def dir_handle(self, fh: int) -> DirHandle:
+        handle = self.dir_handles.get(fh)
+        if handle is None:
+            raise _err(errno.EBADF)
+        return handle
+
+    def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    # -- files --------------------------------------------------------------------------
+
+    def open_in_layer(self, node: Node, layer: int, flags: int) -> int:
+        """Open ``node``'s regular file in ``layer`` with ``flags``, refusing anything else.
+
+        The object is pinned with ``O_PATH | O_NOFOLLOW`` and checked to be a regular file
+        before it is opened for I/O through ``/proc/self/fd``: a device, fifo or symlink in a
+        layer is never opened.
+        """
+        if node.parent is None:
+            raise _err(errno.EISDIR)
+        pfd = self.parent_fd(node, layer)
+        path_fd = os.open(node.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            st = os.fstat(path_fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise _err(errno.EISDIR)
+            if not stat.S_ISREG(st.st_mode):
+                raise _err(errno.ENXIO)
+            io_flags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC)
+            io_flags |= os.O_CLOEXEC
+            if layer != UPPER or not self.stack.has_upper:
+                io_flags |= os.O_NOATIME
+            try:
+                return os.open(f"/proc/self/fd/{path_fd}", io_flags)
+            except PermissionError:
+                return os.open(f"/proc/self/fd/{path_fd}", io_flags & ~os.O_NOATIME)
+        finally:
+            os.close(path_fd)
+
+    def open_read(self, ino: int, flags: int) -> int:
+        node = self.node(ino)
+        fd = self.open_in_layer(node, node.layer, flags)
+        fh = self._new_fh()
+        self.file_handles[fh] = FileHandle(fd, node, node.layer, flags)
+        return fh
+
+    def file_handle(self, fh: int) -> FileHandle:
+        handle = self.file_handles.get(fh)
+        if handle is None:
+            raise _err(errno.EBADF)
+        return handle
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.file_handle(fh)
+        if handle.layer != handle.node.layer and not handle.writable:
+            # Another opener copied the file up: read the copy from now on, like the kernel.
+            self._reopen(handle)
+        return os.pread(handle.fd, size, off)
+
+    def _reopen(self, handle: FileHandle) -> None:
+        fd = self.open_in_layer(handle.node, handle.node.layer, handle.flags)
+        os.close(handle.fd)
+        handle.fd = fd
+        handle.layer = handle.node.layer
+
+    def release(self, fh: int) -> None:
+        handle = self.file_handles.pop(fh, None)
+        if handle is not None:
+            os.close(handle.fd)
+
+    # -- xattrs and statfs --------------------------------------------------------------
+
+    def _xattr_path(self, node: Node) -> bytes | int:
+        if node.parent is None:
+            return self.stack[node.layer].root_fd
+        return whiteout.at_path(self.parent_fd(node, node.layer), node.name)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        node = self.node(ino)
+        if whiteout.is_internal_xattr(name):
+            raise _err(errno.ENODATA)
+        target = self._xattr_path(node)
+        if isinstance(target, int):
+            return os.getxattr(target, name)
+        return os.getxattr(target, name, follow_symlinks=False)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        node = self.node(ino)
+        target = self._xattr_path(node)
+        if isinstance(target, int):
+            names = os.listxattr(target)
+        else:
+            names = os.listxattr(target, follow_symlinks=False)
+        out = []
+        for n in names:
+            b = os.fsencode(n)
+            if not whiteout.is_internal_xattr(b):
+                out.append(b)
+        return out
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.stack[0].root_fd)
+
+    def root(self) -> Node:
+        return self.table.nodes[ROOT_INO]

@@ -1,0 +1,129 @@
+"""Merged directory index: which layers hold which names, built once per directory.
+
+Reading a merged directory lists each of its layer directories once, top-down, and records for
+every visible name the layers that contribute to it:
+
+* a non-directory hides everything below it: its entry has exactly one layer;
+* a directory continues into lower layers that also hold a directory of that name, until a
+  whiteout or a non-directory of that name in some layer ends the chain (an *opaque* marker on
+  one of those directories also ends it; that is checked when the child itself is looked up,
+  because it needs an xattr read per directory);
+* whiteouts in a layer hide the name in the layers below it, never in their own layer.
+
+The index answers lookups without probing every layer (one dict access instead of one
+``fstatat`` per layer) and serves as the snapshot for ``readdir``. The filesystem keeps it in
+step with every change it makes to the upper layer; lower layers never change.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+
+from unionfs import whiteout
+
+# An entry: (is_dir, layers top-down, checked). ``checked`` is False for a directory whose
+# chain has not yet been truncated at its first opaque layer (see module docstring).
+Entry = tuple[bool, tuple[int, ...], bool]
+
+
+class DirIndex:
+    """The visible names of one merged directory, in listing order (upper first)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: dict[bytes, Entry]) -> None:
+        self.entries = entries
+
+    def get(self, name: bytes) -> Entry | None:
+        return self.entries.get(name)
+
+    def set(self, name: bytes, entry: Entry) -> None:
+        self.entries[name] = entry
+
+    def discard(self, name: bytes) -> None:
+        self.entries.pop(name, None)
+
+    def names(self) -> list[bytes]:
+        return list(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def scan_layer_dir(fd: int) -> Iterator[tuple[bytes, bool, bool]]:
+    """Yield ``(name, is_dir, is_whiteout_or_marker)`` for the directory open as ``fd``.
+
+    Whiteouts in every form are reported as ``(hidden_name, False, True)``; an OCI opaque
+    marker is reported as ``(OCI_OPAQUE_NAME, False, True)``; other ``.wh.`` names are
+    dropped. ``fd`` is duplicated because ``os.scandir`` closes the descriptor it is given.
+    """
+    xwhiteouts = whiteout.opaque_value(fd) == whiteout.OPAQUE_XWHITEOUTS
+    dup = os.dup(fd)
+    os.lseek(dup, 0, os.SEEK_SET)
+    with os.scandir(dup) as it:
+        for entry in it:
+            name = os.fsencode(entry.name)
+            if name.startswith(whiteout.OCI_WHITEOUT_PREFIX):
+                if name == whiteout.OCI_OPAQUE_NAME:
+                    yield name, False, True
+                    continue
+                target = whiteout.oci_target(name)
+                if target is not None:
+                    yield target, False, True
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield name, True, False
+                continue
+            if entry.is_file(follow_symlinks=False):
+                if xwhiteouts:
+                    st = entry.stat(follow_symlinks=False)
+                    if whiteout.is_xattr_whiteout(fd, name, st):
+                        yield name, False, True
+                        continue
+                yield name, False, False
+                continue
+            if not entry.is_symlink():
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISCHR(st.st_mode) and whiteout.is_chardev_whiteout(st):
+                    yield name, False, True
+                    continue
+            yield name, False, False
+
+
+def build_index(layer_fds: list[tuple[int, int]]) -> DirIndex:
+    """Merge the listings of one directory's layers (``(layer, fd)`` pairs, top-down).
+
+    The caller passes the directory's layers already truncated at its first opaque one.
+    """
+    entries: dict[bytes, Entry] = {}
+    closed: set[bytes] = set()  # names whose chain can take no more layers
+    hidden: set[bytes] = set()  # names whited out above the layer being read
+    for layer, fd in layer_fds:
+        layer_whiteouts: list[bytes] = []
+        for name, is_dir, is_marker in scan_layer_dir(fd):
+            if is_marker:
+                if name != whiteout.OCI_OPAQUE_NAME:
+                    layer_whiteouts.append(name)
+                continue
+            current = entries.get(name)
+            if current is None:
+                if name in hidden:
+                    continue
+                entries[name] = (is_dir, (layer,), not is_dir)
+                if not is_dir:
+                    closed.add(name)
+                continue
+            if name in closed:
+                continue
+            if is_dir and current[0]:
+                entries[name] = (True, current[1] + (layer,), False)
+            else:
+                # A non-directory below a directory is hidden, and ends the merge.
+                closed.add(name)
+        for name in layer_whiteouts:
+            hidden.add(name)
+            if name in entries:
+                closed.add(name)
+    return DirIndex(entries)

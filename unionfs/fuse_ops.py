@@ -1,0 +1,320 @@
+"""The pyfuse3 adapter: translates requests to :class:`unionfs.writes.UnionFS` calls and back.
+
+Only this module imports pyfuse3. Each handler is a few lines: translate, call the core,
+translate back. One decorator is the error boundary: ``OSError`` becomes ``FUSEError(errno)``,
+anything else becomes ``EIO`` plus a logged traceback -- an exception escaping a handler would
+end the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+
+from unionfs.core import Attr
+from unionfs.writes import UnionFS
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+Ops = TypeVar("Ops", bound="Operations")
+
+# Virtual, read-only xattrs through which any program can ask the daemon about the mount.
+XATTR_INSPECT = b"user.unionfs.inspect"
+XATTR_STATS = b"user.unionfs.stats"
+XATTR_EVENTS = b"user.unionfs.events"
+XATTR_LAYERS = b"user.unionfs.layers"
+
+
+def boundary(
+    fn: Callable[Concatenate[Ops, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[Ops, P], Coroutine[Any, Any, T]]:
+    """Turn every failure of a handler into an errno the kernel can return."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def handler(self: Ops, *args: P.args, **kwargs: P.kwargs) -> T:
+        self.fs.stats.requests[name] += 1
+        if self.debug:
+            log.debug("%s%r", name, args[:-1] if args and _is_ctx(args[-1]) else args)
+        try:
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            if self.debug:
+                log.debug("%s -> %s", name, errno.errorcode.get(code, code))
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("unexpected error in %s%r", name, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+def _is_ctx(obj: object) -> bool:
+    return type(obj).__name__ == "RequestContext"
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 request handlers for one union mount."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, fs: UnionFS, timeout: float, debug: bool = False) -> None:
+        super().__init__()
+        self.fs = fs
+        self.timeout = timeout
+        self.debug = debug
+
+    def init(self) -> None:
+        log.info("serving %s", self.fs.cfg.mountpoint)
+
+    # -- translation --------------------------------------------------------------------
+
+    def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        st = attr.st
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.ino
+        e.generation = 0
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = attr.nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def negative(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.timeout
+        return e
+
+    # -- read path ----------------------------------------------------------------------
+
+    @boundary
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        found = self.fs.lookup(parent_inode, name)
+        if found is None:
+            return self.negative()
+        return self.entry(found[1])
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        try:
+            for inode, nlookup in inode_list:
+                self.fs.table.forget(inode, nlookup)
+        except Exception:
+            log.exception("forget failed")
+
+    @boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.entry(self.fs.getattr(inode))
+
+    @boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.readlink(inode)
+
+    @boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return self.fs.opendir(inode)
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.fs.dir_handle(fh)
+        node = handle.node
+        if start_id == 0:
+            if not pyfuse3.readdir_reply(token, b".", self.entry(self.fs.attr(node)), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            parent = node.parent or node
+            if not pyfuse3.readdir_reply(token, b"..", self.entry(self.fs.attr(parent)), 2):
+                return
+            start_id = 2
+        names = handle.names
+        for i in range(start_id - 2, len(names)):
+            name = names[i]
+            found = self.fs.resolve(node, name)
+            if found is None:
+                continue
+            child, st = found
+            if not pyfuse3.readdir_reply(
+                token, name, self.entry(self.fs.attr_of(child, st)), i + 3
+            ):
+                return
+            self.fs.table.remember(child)
+
+    @boundary
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.fs.read(fh, off, size)
+
+    @boundary
+    async def flush(self, fh: int) -> None:
+        self.fs.flush(fh)
+
+    @boundary
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    @boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        virtual = self._virtual_xattr(inode, name)
+        if virtual is not None:
+            return virtual
+        return self.fs.getxattr(inode, name)
+
+    @boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.fs.listxattr(inode)
+
+    @boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = sv.f_bsize
+        out.f_frsize = sv.f_frsize
+        out.f_blocks = sv.f_blocks
+        out.f_bfree = sv.f_bfree
+        out.f_bavail = sv.f_bavail
+        out.f_files = sv.f_files
+        out.f_ffree = sv.f_ffree
+        out.f_favail = sv.f_favail
+        out.f_namemax = sv.f_namemax
+        return out
+
+    def _virtual_xattr(self, inode: int, name: bytes) -> bytes | None:
+        if name == XATTR_INSPECT:
+            return json.dumps(self.fs.inspect(inode)).encode()
+        if name == XATTR_STATS:
+            return json.dumps(self.fs.stats.snapshot()).encode()
+        if name == XATTR_EVENTS:
+            return json.dumps(list(self.fs.stats.events)[-200:]).encode()
+        if name == XATTR_LAYERS:
+            return json.dumps(self.fs.layer_table()).encode()
+        return None
+
+    # -- write path ---------------------------------------------------------------------
+
+    @boundary
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        result = await self.fs.setattr(
+            inode,
+            fh,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self.entry(result)
+
+    @boundary
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.entry(attr)
+
+    @boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.fs.write(fh, off, buf)
+
+    @boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh, datasync)
+
+    @boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsyncdir(fh, datasync)
+
+    @boundary
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self.entry(await self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @boundary
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self.entry(await self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+
+    @boundary
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self.entry(await self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @boundary
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self.entry(await self.fs.link(inode, new_parent_inode, new_name))
+
+    @boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.unlink(parent_inode, name)
+
+    @boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.rmdir(parent_inode, name)
+
+    @boundary
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @boundary
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if name.startswith(b"user.unionfs."):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self.fs.setxattr(inode, name, value)
+
+    @boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.removexattr(inode, name)

@@ -1,0 +1,177 @@
+"""Inode table: merged objects, their numbers, lookup counts and directory descriptors.
+
+A :class:`Node` is one object of the merged view. It records where it lives -- the layers in
+which a directory is merged, or the one layer serving a non-directory -- and its latest name
+(parent node and name), which is how the layer object is reached again: through the parent's
+directory descriptor in that layer, one component at a time, never by path strings.
+
+:class:`NodeTable` is the single owner of nodes. Invariants (asserted in tests):
+
+* a number names at most one live node; the root is number 1 and is never forgotten;
+* lookup counts never go negative; a node leaves the table when its count reaches zero;
+* directory descriptors are cached per (node, layer) and bounded by an LRU, so a walk of a
+  huge tree does not exhaust ``RLIMIT_NOFILE``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+
+from unionfs.dirindex import DirIndex
+from unionfs.layers import LayerStack, open_dir_at
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+
+
+class Node:
+    """One merged object. ``layers`` is top-down; for a non-directory it has one element."""
+
+    __slots__ = (
+        "ino",
+        "lookups",
+        "parent",
+        "name",
+        "is_dir",
+        "layers",
+        "index",
+        "fds",
+        "removed",
+        "generation",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        ino: int,
+        parent: Node | None,
+        name: bytes,
+        is_dir: bool,
+        layers: tuple[int, ...],
+    ) -> None:
+        self.ino = ino
+        self.lookups = 0
+        self.parent = parent
+        self.name = name
+        self.is_dir = is_dir
+        self.layers = layers
+        self.index: DirIndex | None = None
+        self.fds: dict[int, int] | None = None
+        self.removed = False
+        self.generation = 0
+
+    @property
+    def layer(self) -> int:
+        """The topmost layer holding this object: the one whose metadata is shown."""
+        return self.layers[0]
+
+    def path(self) -> bytes:
+        """The node's latest path inside the mount (for messages and inspection)."""
+        parts: list[bytes] = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return b"/" + b"/".join(reversed(parts))
+
+    def __repr__(self) -> str:
+        return f"<Node {self.ino:#x} {self.path()!r} layers={self.layers}>"
+
+
+class NodeTable:
+    """Owns every live node and the bounded cache of layer directory descriptors."""
+
+    def __init__(self, stack: LayerStack, max_dir_fds: int = 4096) -> None:
+        self.stack = stack
+        self.nodes: dict[int, Node] = {}
+        self.max_dir_fds = max_dir_fds
+        self._fd_lru: collections.OrderedDict[tuple[int, int], Node] = collections.OrderedDict()
+        root = Node(ROOT_INO, None, b"", True, tuple(range(len(stack))))
+        root.lookups = 1
+        self.root = root
+        self.nodes[ROOT_INO] = root
+
+    # -- numbers and counts -------------------------------------------------------------
+
+    def get(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise KeyError(ino)
+        return node
+
+    def remember(self, node: Node) -> Node:
+        """Count one lookup of ``node``; insert it if it is not live yet. Returns the live node."""
+        live = self.nodes.get(node.ino)
+        if live is None:
+            self.nodes[node.ino] = node
+            live = node
+        live.lookups += 1
+        return live
+
+    def forget(self, ino: int, count: int) -> None:
+        """Drop ``count`` lookups of ``ino``; never raises (forget may not fail)."""
+        node = self.nodes.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups -= count
+        if node.lookups <= 0:
+            if node.lookups < 0:
+                log.warning("lookup count of %r went negative", node)
+            node.lookups = 0
+            del self.nodes[ino]
+            self.close_fds(node)
+
+    # -- layer directory descriptors -----------------------------------------------------
+
+    def dir_fd(self, node: Node, layer: int) -> int:
+        """A descriptor of ``node``'s directory in ``layer`` (opened on demand, cached).
+
+        Raises OSError if the directory is not there, e.g. it was removed in the upper.
+        """
+        if node.parent is None:
+            return self.stack[layer].root_fd
+        fds = node.fds
+        if fds is not None:
+            fd = fds.get(layer)
+            if fd is not None:
+                self._fd_lru.move_to_end((id(node), layer))
+                return fd
+        parent_fd = self.dir_fd(node.parent, layer)
+        fd = open_dir_at(parent_fd, node.name)
+        if node.fds is None:
+            node.fds = {}
+        node.fds[layer] = fd
+        self._fd_lru[(id(node), layer)] = node
+        while len(self._fd_lru) > self.max_dir_fds:
+            (_, old_layer), old = self._fd_lru.popitem(last=False)
+            if old.fds is not None:
+                old_fd = old.fds.pop(old_layer, None)
+                if old_fd is not None:
+                    os.close(old_fd)
+        return fd
+
+    def drop_dir_fd(self, node: Node, layer: int) -> None:
+        """Forget the cached descriptor of ``node`` in ``layer`` (the directory went away)."""
+        if node.fds is None:
+            return
+        fd = node.fds.pop(layer, None)
+        if fd is not None:
+            self._fd_lru.pop((id(node), layer), None)
+            os.close(fd)
+
+    def close_fds(self, node: Node) -> None:
+        if node.fds:
+            for layer, fd in node.fds.items():
+                self._fd_lru.pop((id(node), layer), None)
+                os.close(fd)
+        node.fds = None
+
+    def close(self) -> None:
+        for node in list(self.nodes.values()):
+            self.close_fds(node)
+        for _, node in list(self._fd_lru.items()):
+            self.close_fds(node)
+        self._fd_lru.clear()

@@ -1,0 +1,175 @@
+"""Mount lifecycle: init, signals, daemonize once the mount is ready, serve, unmount.
+
+``serve`` is the whole life of a daemon. In the background form the parent forks, the child
+mounts, and the parent exits 0 only after the child reported the mount ready through a pipe --
+or prints the child's one-line error and exits 1. SIGINT and SIGTERM end the request loop and
+unmount cleanly; a daemon killed outright leaves a dead mount that ``unionfs umount`` clears.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from unionfs.config import MountConfig
+from unionfs.errors import UnionfsError
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = Path(os.environ.get("UNIONFS_STATE_DIR", "/run/unionfs/mounts"))
+
+
+def state_file(mountpoint: str) -> Path:
+    """Where the daemon serving ``mountpoint`` records its pid and layers."""
+    key = mountpoint.strip("/").replace("/", "_") or "_root"
+    return STATE_DIR / f"{key}.json"
+
+
+def read_state(mountpoint: str) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(state_file(os.path.realpath(mountpoint)).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _raise_nofile_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {"fsname=unionfs", "subtype=unionfs", "default_permissions"}
+    if os.geteuid() == 0:
+        opts |= {"dev", "suid"}
+        if cfg.allow_other:
+            opts.add("allow_other")
+    if not cfg.writable:
+        opts.add("ro")
+    if cfg.auto_unmount:
+        opts.add("auto_unmount")
+    if cfg.debug:
+        opts.add("debug")
+    return opts
+
+
+def _build(cfg: MountConfig) -> Any:
+    from unionfs.fuse_ops import Operations
+    from unionfs.writes import UnionFS
+
+    fs = UnionFS(cfg)
+    return fs, Operations(fs, cfg.timeout, debug=cfg.debug)
+
+
+async def _serve_loop() -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("signal %d: unmounting", signum)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(watch_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(cfg: MountConfig, ready_fd: int = -1) -> int:
+    """Mount ``cfg`` and serve requests until unmounted or signalled. Returns an exit code."""
+    _raise_nofile_limit()
+    try:
+        fs, ops = _build(cfg)
+        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+    except UnionfsError as exc:
+        _report(ready_fd, f"error: {exc}")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - turned into the one-line error of the command
+        log.debug("mount failed", exc_info=True)
+        _report(ready_fd, f"error: cannot mount {cfg.mountpoint}: {exc}")
+        return 1
+    record = state_file(cfg.mountpoint)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "mountpoint": cfg.mountpoint,
+                    "lowers": cfg.lowers,
+                    "upper": cfg.upper,
+                    "workdir": cfg.workdir,
+                }
+            )
+        )
+    except OSError:
+        log.warning("cannot write %s", record)
+    for w in cfg.warnings:
+        log.warning("%s", w)
+    _report(ready_fd, "ok")
+    try:
+        trio.run(_serve_loop)
+    finally:
+        pyfuse3.close(unmount=True)
+        fs.close()
+        try:
+            record.unlink()
+        except OSError:
+            pass
+    return 0
+
+
+def _report(fd: int, message: str) -> None:
+    if fd >= 0:
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+    elif message != "ok":
+        print(f"unionfs: {message.removeprefix('error: ')}", file=sys.stderr)
+
+
+def daemonize_and_serve(cfg: MountConfig, log_file: str | None) -> int:
+    """Fork; the child mounts and serves; the parent returns once the mount is ready."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        os.setsid()
+        os.chdir("/")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        out = devnull
+        if log_file:
+            out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        code = 1
+        try:
+            code = serve(cfg, write_fd)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    while True:
+        data = os.read(read_fd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(read_fd)
+    message = b"".join(chunks).decode(errors="replace").strip()
+    if message == "ok":
+        return 0
+    os.waitpid(pid, 0)
+    if not message:
+        message = "error: the daemon exited before the mount was ready"
+    raise UnionfsError(message.removeprefix("error: "))

@@ -1,0 +1,179 @@
+"""``unionfs mount``, the fuse-overlayfs argv form, ``unionfs umount``, ``install-helper``.
+
+The fuse-overlayfs form is what ``mount -t fuse.unionfs`` runs through ``mount.fuse3``::
+
+    unionfs [SOURCE] MNT -o lowerdir=L1:L2,upperdir=U,workdir=W [-f] [-d]
+
+Options may come before or after the mountpoint and ``-o`` may repeat; the mountpoint is the
+last argument that is not an option (a SOURCE before it, like ``unionfs`` or ``overlay``, is
+ignored as fuse-overlayfs does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from unionfs import config
+from unionfs.errors import UnionfsError, UsageError
+
+HELPER_PATH = "/sbin/mount.fuse.unionfs"
+
+
+def _parse_compat(args: list[str]) -> config.MountConfig:
+    options: list[str] = []
+    positional: list[str] = []
+    foreground = debug = False
+    it = iter(args)
+    for arg in it:
+        if arg == "-o":
+            value = next(it, None)
+            if value is None:
+                raise UsageError("-o needs an argument")
+            options += config.split_options(value)
+        elif arg.startswith("-o"):
+            options += config.split_options(arg[2:])
+        elif arg == "-f":
+            foreground = True
+        elif arg in ("-d", "--debug"):
+            debug = foreground = True
+        elif arg in ("-s",):
+            continue
+        elif arg.startswith("-"):
+            raise UsageError(f"unknown flag {arg}")
+        else:
+            positional.append(arg)
+    if not positional:
+        raise UsageError("no mountpoint given")
+    cfg = config.MountConfig(lowers=[], mountpoint=positional[-1])
+    config.apply_options(cfg, options)
+    cfg.foreground = foreground or cfg.foreground
+    cfg.debug = debug or cfg.debug
+    if cfg.debug:
+        cfg.foreground = True
+    return cfg
+
+
+def _parse_mount(args: list[str]) -> tuple[config.MountConfig, str | None]:
+    parser = argparse.ArgumentParser(prog="unionfs mount", add_help=True)
+    parser.add_argument("--lower", action="append", default=[], help="lower layer, top first")
+    parser.add_argument("--upper", help="writable upper layer")
+    parser.add_argument("--workdir", help="work directory on the upper's filesystem")
+    parser.add_argument("-o", dest="options", action="append", default=[], help="mount options")
+    parser.add_argument("-f", "--foreground", action="store_true")
+    parser.add_argument("-d", "--debug", action="store_true", help="log every request")
+    parser.add_argument("--log-file", help="where a background daemon writes its log")
+    parser.add_argument("mountpoint")
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:
+        if exc.code == 0:
+            raise
+        raise UsageError("invalid arguments to mount (see unionfs mount --help)") from None
+    cfg = config.MountConfig(lowers=list(ns.lower), mountpoint=ns.mountpoint)
+    cfg.upper, cfg.workdir = ns.upper, ns.workdir
+    for value in ns.options:
+        config.apply_options(cfg, config.split_options(value))
+    if ns.lower and any(o.startswith("lowerdir=") for v in ns.options for o in v.split(",")):
+        raise UsageError("give the lowers either with --lower or with -o lowerdir=, not both")
+    if ns.lower:
+        cfg.lowers = list(ns.lower)
+    cfg.foreground = ns.foreground or ns.debug
+    cfg.debug = ns.debug or cfg.debug
+    return cfg, ns.log_file
+
+
+def _setup_logging(cfg: config.MountConfig) -> None:
+    level = logging.DEBUG if cfg.debug else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+
+
+def mount(args: list[str]) -> int:
+    if args and args[0] == "--compat":
+        cfg, log_file = _parse_compat(args[1:]), None
+    else:
+        cfg, log_file = _parse_mount(args)
+    config.validate(cfg)
+    config.warn(cfg)
+    from unionfs import mount as lifecycle
+
+    if cfg.foreground:
+        _setup_logging(cfg)
+        return lifecycle.serve(cfg)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    return lifecycle.daemonize_and_serve(cfg, log_file)
+
+
+def umount(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="unionfs umount")
+    parser.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up later")
+    parser.add_argument("mountpoint")
+    ns = parser.parse_args(args)
+    from unionfs import mount as lifecycle
+
+    mnt = os.path.realpath(ns.mountpoint)
+    state = lifecycle.read_state(mnt)
+    cmd = ["fusermount3", "-u"] + (["-z"] if ns.lazy else []) + [mnt]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        raise UnionfsError(f"cannot unmount {mnt}: {msg.removeprefix('fusermount3: ')}")
+    if state is not None:
+        _wait_exit(int(state["pid"]), mnt)
+    return 0
+
+
+def _wait_exit(pid: int, mountpoint: str, timeout: float = 30.0) -> None:
+    """Wait until the daemon serving ``mountpoint`` has written everything and exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if mountpoint.encode() not in f.read() and b"unionfs" not in f.read():
+                    return
+        except FileNotFoundError:
+            return
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return
+        except (FileNotFoundError, IndexError):
+            return
+        time.sleep(0.02)
+
+
+def install_helper(args: list[str]) -> int:
+    """Install ``/sbin/mount.fuse.unionfs`` so ``mount -t fuse.unionfs`` runs this unionfs."""
+    exe = shutil.which("unionfs", path=os.path.dirname(sys.executable)) or sys.argv[0]
+    exe = os.path.realpath(exe) if os.path.exists(exe) else exe
+    target = args[0] if args else HELPER_PATH
+    script = (
+        "#!/bin/sh\n"
+        "# mount -t fuse.unionfs SOURCE MNT -o OPTS: run this checkout's unionfs.\n"
+        f'exec "{exe}" "$@"\n'
+    )
+    tmp = target + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(script)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+    print(target)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    command, args = argv[0], argv[1:]
+    if command == "mount":
+        return mount(args)
+    if command == "umount":
+        return umount(args)
+    if command == "install-helper":
+        return install_helper(args)
+    raise UsageError(f"unknown command {command}")

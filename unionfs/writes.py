@@ -1,0 +1,849 @@
+"""The write path: copy-up, creation, removal with whiteouts, rename, metadata and xattrs.
+
+Every change lands in the upper layer, in the kernel overlayfs format (see
+:mod:`unionfs.whiteout`); lowers are never written. Where the kernel makes a change atomic
+by building it in ``work/`` and renaming it into place, so does this module:
+
+* copy-up: object built in ``work/`` and renamed in (parents first, with their metadata);
+* a new name over a whiteout: built in ``work/``, renamed over the whiteout (a directory is
+  exchanged with it and made opaque);
+* removing an upper name that also exists below: a whiteout renamed over it
+  (``RENAME_WHITEOUT``-style, so no moment shows the lower object);
+* removing an upper directory: moved into ``work/`` first, then deleted with its whiteouts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from typing import Any
+
+import trio
+
+from unionfs import copyup, whiteout
+from unionfs.config import MountConfig
+from unionfs.core import UPPER, Attr, FileHandle, UnionCore, _err
+from unionfs.inodes import Node
+from unionfs.layers import open_dir_at
+from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+
+log = logging.getLogger(__name__)
+
+BIG_COPY = 1 << 20  # copy-ups at least this large run in a worker thread
+
+
+class UnionFS(UnionCore):
+    """The whole filesystem: :class:`UnionCore` plus every operation that writes."""
+
+    def __init__(self, cfg: MountConfig) -> None:
+        super().__init__(cfg)
+        self.work_fd = -1
+        self.oci_whiteouts = False
+        self._lock_fd = -1
+        self._copying: dict[int, trio.Event] = {}
+        self.limiter = trio.CapacityLimiter(4)
+        if cfg.upper is not None and cfg.workdir is not None:
+            self._open_workdir(cfg.workdir, cfg.read_only)
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _open_workdir(self, workdir: str, read_only: bool) -> None:
+        import fcntl
+
+        from unionfs.errors import UnionfsError
+
+        wfd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(wfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(wfd)
+            raise UnionfsError(f"workdir {workdir!r} is in use by another unionfs mount") from None
+        self._lock_fd = wfd
+        if read_only:
+            return
+        try:
+            os.mkdir(copyup.WORK_SUBDIR, 0o700, dir_fd=wfd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise UnionfsError(f"workdir {workdir!r} is not writable: {exc.strerror}") from None
+        self.work_fd = open_dir_at(wfd, copyup.WORK_SUBDIR)
+        cleaned = copyup.clean_workdir(self.work_fd)
+        if cleaned:
+            log.warning("removed %d leftover(s) of interrupted copy-ups from %s", cleaned, workdir)
+        if not whiteout.mknod_whiteouts_supported(self.work_fd):
+            self.oci_whiteouts = True
+            self.cfg.warnings.append(
+                "the upper filesystem refuses mknod: whiteouts are written as .wh.<name> files"
+            )
+
+    def close(self) -> None:
+        super().close()
+        for fd in (self.work_fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.work_fd = self._lock_fd = -1
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise _err(errno.EROFS)
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if whiteout.is_marker_name(name):
+            # A .wh. name in the upper would act as a whiteout: refuse to create one.
+            raise _err(errno.EINVAL)
+        if len(name) > 255:
+            raise _err(errno.ENAMETOOLONG)
+
+    # -- copy-up ------------------------------------------------------------------------
+
+    def upper_dir_fd(self, node: Node) -> int:
+        """The upper directory of ``node``, copying it (and its parents) up if needed."""
+        if node.layers[0] == UPPER:
+            return self.table.dir_fd(node, UPPER)
+        assert node.parent is not None  # the root always has an upper when writable
+        parent_fd = self.upper_dir_fd(node.parent)
+        lower_fd = self.table.dir_fd(node, node.layer)
+        st = os.fstat(lower_fd)
+        tmp = copyup.temp_name()
+        os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
+        try:
+            tmp_fd = open_dir_at(self.work_fd, tmp)
+            try:
+                self._copy_meta(lower_fd, tmp_fd, st, node.ino)
+            finally:
+                os.close(tmp_fd)
+            parent_times = os.fstat(parent_fd)
+            renameat2(self.work_fd, tmp, parent_fd, node.name, RENAME_NOREPLACE)
+        except BaseException:
+            copyup.remove_tree_at(self.work_fd, tmp)
+            raise
+        self._restore_times(parent_fd, parent_times)
+        node.layers = (UPPER,) + node.layers
+        self._index_set(node.parent, node.name, True, node.layers)
+        self.stats.copy_ups += 1
+        self.stats.event("copy-up", path=node.path().decode(errors="replace"), size=0, type="dir")
+        return self.table.dir_fd(node, UPPER)
+
+    def _copy_meta(self, src: int, dst: int, st: os.stat_result, ino: int) -> None:
+        """Owner, mode, xattrs, origin and times from ``src`` to ``dst`` (both open fds)."""
+        os.fchown(dst, st.st_uid, st.st_gid)
+        os.fchmod(dst, stat.S_IMODE(st.st_mode))
+        copyup.copy_xattrs(src, dst)
+        copyup.set_origin(dst, self.origin_xattr, ino)
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    @staticmethod
+    def _restore_times(fd: int, st: os.stat_result) -> None:
+        # The kernel keeps the upper parent's times across a copy-up: it is not a change.
+        try:
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except OSError:
+            pass
+
+    async def copy_up(self, node: Node) -> None:
+        """Make ``node`` an upper object (no-op if it is one). Parents are copied first.
+
+        Two requests copying the same object wait for one copy. A large file's data is
+        copied in a worker thread, so other requests keep being served meanwhile.
+        """
+        self._check_writable()
+        while True:
+            if node.layers[0] == UPPER:
+                return
+            pending = self._copying.get(node.ino)
+            if pending is None:
+                break
+            await pending.wait()
+        if node.is_dir:
+            self.upper_dir_fd(node)
+            return
+        done = trio.Event()
+        self._copying[node.ino] = done
+        try:
+            await self._copy_up_file(node)
+        finally:
+            del self._copying[node.ino]
+            done.set()
+
+    async def _copy_up_file(self, node: Node) -> None:
+        started = time.monotonic()
+        assert node.parent is not None
+        parent = node.parent
+        parent_fd = self.upper_dir_fd(parent)
+        layer = node.layer
+        lower_pfd = self.table.dir_fd(parent, layer)
+        st = os.stat(node.name, dir_fd=lower_pfd, follow_symlinks=False)
+        tmp = copyup.temp_name()
+        work_fd = self.work_fd
+        try:
+            if stat.S_ISREG(st.st_mode):
+                src = self.open_in_layer(node, layer, os.O_RDONLY)
+                try:
+                    dst = os.open(
+                        tmp,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                        0o600,
+                        dir_fd=work_fd,
+                    )
+                    try:
+                        if st.st_size >= BIG_COPY:
+                            await trio.to_thread.run_sync(
+                                self._copy_file_data, src, dst, st.st_size, limiter=self.limiter
+                            )
+                        else:
+                            self._copy_file_data(src, dst, st.st_size)
+                        self._copy_meta(src, dst, st, node.ino)
+                        if self.cfg.fsync:
+                            os.fsync(dst)
+                    finally:
+                        os.close(dst)
+                finally:
+                    os.close(src)
+            else:
+                if stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(node.name, dir_fd=lower_pfd)
+                    os.symlink(target, tmp, dir_fd=work_fd)
+                else:
+                    os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work_fd)
+                os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work_fd, follow_symlinks=False)
+                src_path = whiteout.at_path(lower_pfd, node.name)
+                dst_path = whiteout.at_path(work_fd, tmp)
+                if not stat.S_ISLNK(st.st_mode):
+                    self._chmod_at(work_fd, tmp, stat.S_IMODE(st.st_mode))
+                copyup.copy_xattrs(src_path, dst_path)
+                if not stat.S_ISLNK(st.st_mode) or not self.cfg.userxattr:
+                    copyup.set_origin(dst_path, self.origin_xattr, node.ino)
+                os.utime(
+                    tmp,
+                    ns=(st.st_atime_ns, st.st_mtime_ns),
+                    dir_fd=work_fd,
+                    follow_symlinks=False,
+                )
+            if node.layers[0] == UPPER or node.parent is not parent:
+                raise _err(errno.EAGAIN)  # moved or copied while we worked; caller retries
+            parent_times = os.fstat(parent_fd)
+            os.rename(tmp, node.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
+        except BaseException:
+            copyup.remove_tree_at(work_fd, tmp)
+            raise
+        self._restore_times(parent_fd, parent_times)
+        node.layers = (UPPER,)
+        self._index_set(parent, node.name, False, node.layers)
+        elapsed = time.monotonic() - started
+        self.stats.copy_ups += 1
+        self.stats.copy_up_bytes += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        self.stats.copy_up_seconds += elapsed
+        self.stats.event(
+            "copy-up",
+            path=node.path().decode(errors="replace"),
+            size=st.st_size,
+            source_layer=layer,
+            seconds=round(elapsed, 6),
+        )
+
+    @staticmethod
+    def _copy_file_data(src: int, dst: int, size: int) -> None:
+        copyup.copy_data(src, dst, size)
+
+    @staticmethod
+    def _chmod_at(dir_fd: int, name: bytes, mode: int) -> None:
+        """chmod without following a symlink (fchmodat has no working NOFOLLOW on Linux)."""
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+
+    # -- index upkeep -------------------------------------------------------------------
+
+    def _index_set(self, parent: Node, name: bytes, is_dir: bool, layers: tuple[int, ...]) -> None:
+        if parent.index is not None:
+            parent.index.set(name, (is_dir, layers, True))
+
+    def _index_discard(self, parent: Node, name: bytes) -> None:
+        if parent.index is not None:
+            parent.index.discard(name)
+
+    # -- names below and whiteouts ------------------------------------------------------
+
+    def lower_positive(self, parent: Node, name: bytes) -> bool:
+        """Whether ``name`` is visible in ``parent``'s lowers (so removing it needs a whiteout)."""
+        for layer in parent.layers:
+            if layer == UPPER:
+                continue
+            fd = self.table.dir_fd(parent, layer)
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                return not whiteout.is_chardev_whiteout(st)
+            try:
+                os.stat(whiteout.OCI_WHITEOUT_PREFIX + name, dir_fd=fd, follow_symlinks=False)
+                return False
+            except FileNotFoundError:
+                pass
+        return False
+
+    def _upper_hidden_by(self, pfd: int, name: bytes) -> str | None:
+        """What in the upper directory hides ``name``: 'whiteout', 'oci', or None."""
+        try:
+            os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            return "whiteout"
+        except FileNotFoundError:
+            pass
+        try:
+            os.stat(whiteout.OCI_WHITEOUT_PREFIX + name, dir_fd=pfd, follow_symlinks=False)
+            return "oci"
+        except FileNotFoundError:
+            return None
+
+    def _make_whiteout(self, pfd: int, name: bytes) -> None:
+        whiteout.make_whiteout(pfd, name, oci_fallback=self.oci_whiteouts)
+        self.stats.whiteouts_created += 1
+
+    def _owner(self, pfd: int, uid: int, gid: int) -> tuple[int, int, bool]:
+        """Owner of a new object in upper dir ``pfd``; the bool says "set-gid directory"."""
+        pst = os.fstat(pfd)
+        if pst.st_mode & stat.S_ISGID:
+            return uid, pst.st_gid, True
+        return uid, gid, False
+
+    # -- creating names -----------------------------------------------------------------
+
+    def _prepare_new(self, parent_ino: int, name: bytes) -> tuple[Node, int]:
+        self._check_writable()
+        self._check_name(name)
+        parent = self.node(parent_ino)
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR)
+        if self.index_of(parent).get(name) is not None:
+            raise _err(errno.EEXIST)
+        return parent, -1
+
+    async def _new_entry(
+        self, parent_ino: int, name: bytes, kind: str, make: Any, uid: int, gid: int
+    ) -> tuple[Node, os.stat_result, int | None]:
+        """Create ``name`` with ``make(dir_fd, name) -> fd | None`` in the upper layer.
+
+        Handles the parent copy-up, owner and set-gid inheritance, and replacing a whiteout
+        (the new directory is then opaque). Returns the node (lookup counted), its stat and
+        the descriptor ``make`` returned.
+        """
+        parent, _ = self._prepare_new(parent_ino, name)
+        pfd = self.upper_dir_fd(parent)
+        hidden = self._upper_hidden_by(pfd, name)
+        owner_uid, owner_gid, sgid_dir = self._owner(pfd, uid, gid)
+        is_dir = kind == "dir"
+        fd: int | None = None
+        if hidden == "whiteout":
+            tmp = copyup.temp_name()
+            fd = make(self.work_fd, tmp)
+            try:
+                self._set_owner(self.work_fd, tmp, owner_uid, owner_gid, is_dir and sgid_dir)
+                if is_dir:
+                    tfd = open_dir_at(self.work_fd, tmp)
+                    try:
+                        whiteout.mark_opaque(tfd, self.opaque_xattr)
+                    finally:
+                        os.close(tfd)
+                    renameat2(self.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
+                    os.unlink(tmp, dir_fd=self.work_fd)
+                    self.stats.opaque_dirs_created += 1
+                else:
+                    os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                copyup.remove_tree_at(self.work_fd, tmp)
+                raise
+        else:
+            fd = make(pfd, name)
+            try:
+                self._set_owner(pfd, name, owner_uid, owner_gid, False)
+                if hidden == "oci":
+                    if is_dir:
+                        tfd = open_dir_at(pfd, name)
+                        try:
+                            whiteout.mark_opaque(tfd, self.opaque_xattr)
+                        finally:
+                            os.close(tfd)
+                        self.stats.opaque_dirs_created += 1
+                    os.unlink(whiteout.OCI_WHITEOUT_PREFIX + name, dir_fd=pfd)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+        self._index_set(parent, name, is_dir, (UPPER,))
+        found = self.resolve(parent, name)
+        if found is None:
+            raise _err(errno.EIO)
+        node, st = found
+        if node.is_dir:
+            node.index = None
+        node = self.table.remember(node)
+        return node, st, fd
+
+    @staticmethod
+    def _set_owner(dir_fd: int, name: bytes, uid: int, gid: int, keep_sgid: bool) -> None:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        if keep_sgid and not st.st_mode & stat.S_ISGID:
+            UnionFS._chmod_at(dir_fd, name, stat.S_IMODE(st.st_mode) | stat.S_ISGID)
+
+    async def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[int, Attr]:
+        io_flags = (flags & ~(os.O_APPEND | os.O_TRUNC | os.O_CREAT | os.O_EXCL)) | os.O_CLOEXEC
+
+        def make(dir_fd: int, n: bytes) -> int:
+            return os.open(
+                n,
+                io_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                stat.S_IMODE(mode),
+                dir_fd=dir_fd,
+            )
+
+        node, st, fd = await self._new_entry(parent_ino, name, "file", make, uid, gid)
+        assert fd is not None
+        fh = self._new_fh()
+        self.file_handles[fh] = FileHandle(fd, node, UPPER, flags)
+        return fh, self._attr(node, st)
+
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        def make(dir_fd: int, n: bytes) -> None:
+            os.mkdir(n, stat.S_IMODE(mode), dir_fd=dir_fd)
+
+        node, st, _ = await self._new_entry(parent_ino, name, "dir", make, uid, gid)
+        return self._attr(node, st)
+
+    async def mknod(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Attr:
+        def make(dir_fd: int, n: bytes) -> None:
+            os.mknod(n, mode, rdev, dir_fd=dir_fd)
+
+        node, st, _ = await self._new_entry(parent_ino, name, "node", make, uid, gid)
+        return self._attr(node, st)
+
+    async def symlink(
+        self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int
+    ) -> Attr:
+        def make(dir_fd: int, n: bytes) -> None:
+            os.symlink(target, n, dir_fd=dir_fd)
+
+        node, st, _ = await self._new_entry(parent_ino, name, "symlink", make, uid, gid)
+        return self._attr(node, st)
+
+    async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
+        node = self.node(ino)
+        if node.is_dir:
+            raise _err(errno.EPERM)
+        self._prepare_new(new_parent_ino, new_name)
+        await self.copy_up(node)
+        assert node.parent is not None
+        src_pfd = self.upper_dir_fd(node.parent)
+
+        def make(dir_fd: int, n: bytes) -> None:
+            os.link(node.name, n, src_dir_fd=src_pfd, dst_dir_fd=dir_fd, follow_symlinks=False)
+
+        st = os.stat(node.name, dir_fd=src_pfd, follow_symlinks=False)
+        linked, st, _ = await self._new_entry(
+            new_parent_ino, new_name, "link", make, st.st_uid, st.st_gid
+        )
+        return self._attr(linked, st)
+
+    # -- opening and writing ------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> int:
+        node = self.node(ino)
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        wants_write = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if not wants_write:
+            return self.open_read(ino, flags)
+        self._check_writable()
+        await self.copy_up(node)
+        fd = self.open_in_layer(node, UPPER, flags & ~os.O_APPEND)
+        if flags & os.O_TRUNC:
+            os.ftruncate(fd, 0)
+        fh = self._new_fh()
+        self.file_handles[fh] = FileHandle(fd, node, UPPER, flags)
+        return fh
+
+    def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.file_handle(fh)
+        if not handle.writable:
+            raise _err(errno.EBADF)
+        return os.pwrite(handle.fd, buf, off)
+
+    def flush(self, fh: int) -> None:
+        self.file_handle(fh)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self.file_handle(fh)
+        if not handle.writable or not self.cfg.fsync:
+            return
+        sync = os.fdatasync if datasync else os.fsync
+        await trio.to_thread.run_sync(sync, handle.fd, limiter=self.limiter)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        node = self.dir_handle(fh).node
+        if self.writable and self.cfg.fsync and node.layers[0] == UPPER:
+            fd = self.table.dir_fd(node, UPPER)
+            await trio.to_thread.run_sync(os.fsync, fd, limiter=self.limiter)
+
+    # -- metadata -----------------------------------------------------------------------
+
+    async def setattr(
+        self,
+        ino: int,
+        fh: int | None,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Attr:
+        node = self.node(ino)
+        self._check_writable()
+        await self.copy_up(node)
+        if node.parent is None:
+            target: bytes | int = self.stack[UPPER].root_fd
+            pfd, name = -1, b""
+        else:
+            pfd, name = self.upper_dir_fd(node.parent), node.name
+            target = name
+        if size is not None:
+            handle = self.file_handles.get(fh) if fh is not None else None
+            if handle is not None and handle.writable and handle.layer == UPPER:
+                os.ftruncate(handle.fd, size)
+            else:
+                fd = self.open_in_layer(node, UPPER, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+        if uid is not None or gid is not None:
+            u = -1 if uid is None else uid
+            g = -1 if gid is None else gid
+            if isinstance(target, int):
+                os.fchown(target, u, g)
+            else:
+                os.chown(name, u, g, dir_fd=pfd, follow_symlinks=False)
+        if mode is not None:
+            if isinstance(target, int):
+                os.fchmod(target, stat.S_IMODE(mode))
+            else:
+                self._chmod_at(pfd, name, stat.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
+            if atime_ns is None or mtime_ns is None:
+                cur = self.lstat_in(node, UPPER)
+                atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
+            if isinstance(target, int):
+                os.utime(target, ns=(atime_ns, mtime_ns))
+            else:
+                os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+        return self.attr(node)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if whiteout.is_internal_xattr(name):
+            raise _err(errno.EPERM)
+        node = self.node(ino)
+        self._check_writable()
+        await self.copy_up(node)
+        target = self._xattr_path(node)
+        if isinstance(target, int):
+            os.setxattr(target, name, value)
+        else:
+            os.setxattr(target, name, value, follow_symlinks=False)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        if whiteout.is_internal_xattr(name):
+            raise _err(errno.ENODATA)
+        node = self.node(ino)
+        self._check_writable()
+        if node.layers[0] != UPPER:
+            self.getxattr(ino, name)  # ENODATA without a copy-up, as the kernel does
+            await self.copy_up(node)
+        target = self._xattr_path(node)
+        if isinstance(target, int):
+            os.removexattr(target, name)
+        else:
+            os.removexattr(target, name, follow_symlinks=False)
+
+    # -- removing names -----------------------------------------------------------------
+
+    async def _child(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        found = self.resolve(parent, name)
+        if found is None:
+            raise _err(errno.ENOENT)
+        node = found[0]
+        pending = self._copying.get(node.ino)
+        if pending is not None:
+            await pending.wait()
+            found = self.resolve(parent, name)
+            if found is None:
+                raise _err(errno.ENOENT)
+        return found
+
+    async def unlink(self, parent_ino: int, name: bytes) -> None:
+        self._check_writable()
+        parent = self.node(parent_ino)
+        node, st = await self._child(parent, name)
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        self._remove(parent, name, node, st)
+
+    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+        self._check_writable()
+        parent = self.node(parent_ino)
+        node, st = await self._child(parent, name)
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        if len(self.index_of(node)):
+            raise _err(errno.ENOTEMPTY)
+        self._remove(parent, name, node, st)
+        self.table.close_fds(node)
+
+    def _remove(self, parent: Node, name: bytes, node: Node, st: os.stat_result) -> None:
+        """Remove ``name`` from the merged view, leaving a whiteout where a lower has it."""
+        if node.layers[0] != UPPER:
+            pfd = self.upper_dir_fd(parent)
+            self._make_whiteout(pfd, name)
+            self.stats.event("whiteout", path=node.path().decode(errors="replace"))
+        else:
+            pfd = self.table.dir_fd(parent, UPPER)
+            needs_whiteout = parent.layers != (UPPER,) and self.lower_positive(parent, name)
+            if node.is_dir:
+                # Move the upper directory (maybe holding whiteouts) out of the view first.
+                tmp = copyup.temp_name()
+                if needs_whiteout:
+                    self._make_whiteout(self.work_fd, tmp)
+                    renameat2(self.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
+                else:
+                    os.rename(name, tmp, src_dir_fd=pfd, dst_dir_fd=self.work_fd)
+                copyup.remove_tree_at(self.work_fd, tmp)
+            elif needs_whiteout:
+                tmp = copyup.temp_name()
+                self._make_whiteout(self.work_fd, tmp)
+                os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
+            else:
+                os.unlink(name, dir_fd=pfd)
+            if needs_whiteout:
+                self.stats.event("whiteout", path=node.path().decode(errors="replace"))
+            if node.is_dir or st.st_nlink <= 1:
+                node.removed = True
+        self._index_discard(parent, name)
+
+    # -- rename -------------------------------------------------------------------------
+
+    def _movable(self, node: Node) -> bool:
+        """Pure-upper objects can be renamed; lower or merged directories cannot (EXDEV)."""
+        return not node.is_dir or node.layers == (UPPER,)
+
+    async def rename(
+        self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int
+    ) -> None:
+        self._check_writable()
+        self._check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        old_parent = self.node(old_parent_ino)
+        new_parent = self.node(new_parent_ino)
+        src, _ = await self._child(old_parent, old_name)
+        dst_found = self.resolve(new_parent, new_name)
+        dst = dst_found[0] if dst_found else None
+        if dst is not None and dst is src:
+            return  # two names of one object: rename(2) does nothing
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise _err(errno.ENOENT)
+            await self._exchange(old_parent, old_name, src, new_parent, new_name, dst)
+            return
+        if dst is not None:
+            if flags & RENAME_NOREPLACE:
+                raise _err(errno.EEXIST)
+            if src.is_dir and not dst.is_dir:
+                raise _err(errno.ENOTDIR)
+            if dst.is_dir and not src.is_dir:
+                raise _err(errno.EISDIR)
+            if dst.is_dir and len(self.index_of(dst)):
+                raise _err(errno.ENOTEMPTY)
+        if not self._movable(src):
+            raise _err(errno.EXDEV)
+        if dst is not None and dst.is_dir and not self._movable(dst):
+            raise _err(errno.EXDEV)
+        await self.copy_up(src)
+        old_pfd = self.upper_dir_fd(old_parent)
+        new_pfd = self.upper_dir_fd(new_parent)
+        old_positive = old_parent.layers != (UPPER,) and self.lower_positive(old_parent, old_name)
+        new_hidden = self._upper_hidden_by(new_pfd, new_name) if dst is None else None
+        if dst is not None and dst.layers[0] != UPPER:
+            new_hidden = None  # the destination lives only below: nothing in the upper yet
+        if (
+            src.is_dir
+            and new_parent.layers != (UPPER,)
+            and self._lower_dir_exists(new_parent, new_name)
+        ):
+            sfd = self.table.dir_fd(src, UPPER)
+            if whiteout.opaque_value(sfd) != whiteout.OPAQUE_YES:
+                whiteout.mark_opaque(sfd, self.opaque_xattr)
+        if new_hidden == "oci":
+            os.unlink(whiteout.OCI_WHITEOUT_PREFIX + new_name, dir_fd=new_pfd)
+            new_hidden = None
+        if old_positive:
+            if new_hidden == "whiteout":
+                renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
+            else:
+                self._rename_whiteout(old_pfd, old_name, new_pfd, new_name, dst)
+            self.stats.whiteouts_created += 1
+        elif new_hidden == "whiteout" and src.is_dir:
+            renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
+            os.unlink(old_name, dir_fd=old_pfd)
+        else:
+            self._replace(old_pfd, old_name, new_pfd, new_name, dst)
+        if dst is not None:
+            dst.removed = dst.layers[0] == UPPER
+            if dst.is_dir:
+                self.table.close_fds(dst)
+        self._index_discard(old_parent, old_name)
+        self._index_set(new_parent, new_name, src.is_dir, (UPPER,))
+        src.parent, src.name = new_parent, new_name
+
+    def _lower_dir_exists(self, parent: Node, name: bytes) -> bool:
+        """Whether a directory ``name`` is visible below the upper in ``parent``."""
+        for layer in parent.layers:
+            if layer == UPPER:
+                continue
+            try:
+                st = os.stat(name, dir_fd=self.table.dir_fd(parent, layer), follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            return stat.S_ISDIR(st.st_mode)
+        return False
+
+    def _replace(
+        self, old_pfd: int, old_name: bytes, new_pfd: int, new_name: bytes, dst: Node | None
+    ) -> None:
+        """Plain rename, first clearing an upper destination directory of its whiteouts."""
+        if dst is not None and dst.is_dir and dst.layers[0] == UPPER:
+            tmp = copyup.temp_name()
+            os.rename(new_name, tmp, src_dir_fd=new_pfd, dst_dir_fd=self.work_fd)
+            try:
+                os.rename(old_name, new_name, src_dir_fd=old_pfd, dst_dir_fd=new_pfd)
+            except BaseException:
+                os.rename(tmp, new_name, src_dir_fd=self.work_fd, dst_dir_fd=new_pfd)
+                raise
+            copyup.remove_tree_at(self.work_fd, tmp)
+            return
+        os.rename(old_name, new_name, src_dir_fd=old_pfd, dst_dir_fd=new_pfd)
+
+    def _rename_whiteout(
+        self, old_pfd: int, old_name: bytes, new_pfd: int, new_name: bytes, dst: Node | None
+    ) -> None:
+        """Rename and leave a whiteout at the old name in one step where the fs allows."""
+        if dst is not None and dst.is_dir and dst.layers[0] == UPPER:
+            self._replace(old_pfd, old_name, new_pfd, new_name, dst)
+            self._make_whiteout(old_pfd, old_name)
+            return
+        if not self.oci_whiteouts:
+            try:
+                renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_WHITEOUT)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+        os.rename(old_name, new_name, src_dir_fd=old_pfd, dst_dir_fd=new_pfd)
+        self._make_whiteout(old_pfd, old_name)
+
+    async def _exchange(
+        self,
+        old_parent: Node,
+        old_name: bytes,
+        src: Node,
+        new_parent: Node,
+        new_name: bytes,
+        dst: Node,
+    ) -> None:
+        if not self._movable(src) or not self._movable(dst):
+            raise _err(errno.EXDEV)
+        await self.copy_up(src)
+        await self.copy_up(dst)
+        old_pfd = self.upper_dir_fd(old_parent)
+        new_pfd = self.upper_dir_fd(new_parent)
+        for node, into in ((src, new_parent), (dst, old_parent)):
+            if node.is_dir and into.layers != (UPPER,):
+                sfd = self.table.dir_fd(node, UPPER)
+                if whiteout.opaque_value(sfd) != whiteout.OPAQUE_YES:
+                    whiteout.mark_opaque(sfd, self.opaque_xattr)
+        renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
+        self._index_set(old_parent, old_name, dst.is_dir, (UPPER,))
+        self._index_set(new_parent, new_name, src.is_dir, (UPPER,))
+        src.parent, src.name, dst.parent, dst.name = new_parent, new_name, old_parent, old_name
+
+    # -- inspection ---------------------------------------------------------------------
+
+    def inspect(self, ino: int) -> dict[str, Any]:
+        """Where ``ino`` comes from: serving layer, copy-up origin, shadowed lower copies."""
+        node = self.node(ino)
+        layers = self.stack.layers
+        top = layers[node.layer]
+        info: dict[str, Any] = {
+            "path": node.path().decode(errors="replace"),
+            "inode": node.ino,
+            "type": "directory" if node.is_dir else "file",
+            "layer": {"index": top.index, "dir": top.path, "upper": top.is_upper},
+            "merged_layers": [layers[i].path for i in node.layers] if node.is_dir else [],
+            "copied_up": False,
+            "origin_layer": None,
+            "shadows": [],
+            "whiteouts_below": [],
+            "opaque": False,
+        }
+        if node.parent is None:
+            return info
+        parent = node.parent
+        for layer in parent.layers:
+            if layer == node.layer or (node.is_dir and layer in node.layers):
+                continue
+            fd = self.table.dir_fd(parent, layer)
+            try:
+                st = os.stat(node.name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            entry = {"index": layer, "dir": layers[layer].path}
+            if whiteout.is_chardev_whiteout(st):
+                info["whiteouts_below"].append(entry)
+                break
+            if layer > node.layer:
+                info["shadows"].append(entry)
+        if node.layer == UPPER and self.stack.has_upper:
+            pfd = self.table.dir_fd(parent, UPPER)
+            origin = self.read_origin(pfd, node.name)
+            if origin is not None:
+                info["copied_up"] = True
+                if info["shadows"]:
+                    info["origin_layer"] = info["shadows"][0]
+            if node.is_dir:
+                fd = self.table.dir_fd(node, UPPER)
+                info["opaque"] = whiteout.opaque_value(fd) == whiteout.OPAQUE_YES
+        return info
+
+    def layer_table(self) -> list[dict[str, Any]]:
+        return [
+            {"index": layer.index, "dir": layer.path, "upper": layer.is_upper}
+            for layer in self.stack.layers
+        ]
+
+    def attr_of(self, node: Node, st: os.stat_result) -> Attr:
+        return self._attr(node, st)
