@@ -213,6 +213,9 @@ class Operations(pyfuse3.Operations):
     def _virtual_xattr(self, inode: int, name: bytes) -> bytes | None:
         if name == XATTR_INSPECT:
             return json.dumps(self.fs.inspect(inode)).encode()
+        if name.startswith(XATTR_INSPECT + b":"):
+            child = name[len(XATTR_INSPECT) + 1 :]
+            return json.dumps(self.fs.inspect(inode, child)).encode()
         if name == XATTR_STATS:
             return json.dumps(self.fs.stats.snapshot()).encode()
         if name == XATTR_EVENTS:

@@ -793,51 +793,104 @@ class UnionFS(UnionCore):
 
     # -- inspection ---------------------------------------------------------------------
 
-    def inspect(self, ino: int) -> dict[str, Any]:
-        """Where ``ino`` comes from: serving layer, copy-up origin, shadowed lower copies."""
+    def inspect(self, ino: int, child: bytes | None = None) -> dict[str, Any]:
+        """Where an object comes from: serving layer, copy-up origin, shadowed copies below,
+        and whiteouts or opaque directories hiding lower entries at its path.
+
+        With ``child``, describes the name ``child`` inside directory ``ino`` -- which also
+        works for names that are whited out and for symlinks and devices (which cannot carry
+        the ``user.*`` xattr this answer travels in).
+        """
         node = self.node(ino)
+        if child is None:
+            if node.parent is None:
+                return self._describe_root(node)
+            parent, name = node.parent, node.name
+        else:
+            parent, name = node, child
         layers = self.stack.layers
-        top = layers[node.layer]
+        found = self.resolve(parent, name)
+        base = parent.path().rstrip(b"/") + b"/" + name
         info: dict[str, Any] = {
-            "path": node.path().decode(errors="replace"),
-            "inode": node.ino,
-            "type": "directory" if node.is_dir else "file",
-            "layer": {"index": top.index, "dir": top.path, "upper": top.is_upper},
-            "merged_layers": [layers[i].path for i in node.layers] if node.is_dir else [],
+            "path": base.decode(errors="replace"),
+            "exists": found is not None,
+            "layer": None,
+            "type": None,
             "copied_up": False,
             "origin_layer": None,
+            "merged_layers": [],
             "shadows": [],
-            "whiteouts_below": [],
+            "hidden_by": [],
             "opaque": False,
         }
-        if node.parent is None:
-            return info
-        parent = node.parent
+        top = -1
+        if found is not None:
+            obj, st = found
+            top = obj.layer
+            info["inode"] = obj.ino
+            info["type"] = _type_name(st.st_mode)
+            info["layer"] = _layer_info(layers[top])
+            if obj.is_dir:
+                info["merged_layers"] = [_layer_info(layers[i]) for i in obj.layers]
         for layer in parent.layers:
-            if layer == node.layer or (node.is_dir and layer in node.layers):
+            if layer == top or (found is not None and found[0].is_dir and layer in found[0].layers):
                 continue
             fd = self.table.dir_fd(parent, layer)
+            hider = self._hider_at(fd, name)
+            if hider is not None:
+                info["hidden_by"].append({**_layer_info(layers[layer]), "marker": hider})
+                if layer > top or found is None:
+                    break
+                continue
             try:
-                st = os.stat(node.name, dir_fd=fd, follow_symlinks=False)
+                os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            entry = {"index": layer, "dir": layers[layer].path}
-            if whiteout.is_chardev_whiteout(st):
-                info["whiteouts_below"].append(entry)
-                break
-            if layer > node.layer:
-                info["shadows"].append(entry)
-        if node.layer == UPPER and self.stack.has_upper:
+            if layer > top:
+                info["shadows"].append(_layer_info(layers[layer]))
+        if found is not None and top == UPPER and self.stack.has_upper:
             pfd = self.table.dir_fd(parent, UPPER)
-            origin = self.read_origin(pfd, node.name)
-            if origin is not None:
+            if self.read_origin(pfd, name) is not None:
                 info["copied_up"] = True
                 if info["shadows"]:
                     info["origin_layer"] = info["shadows"][0]
-            if node.is_dir:
-                fd = self.table.dir_fd(node, UPPER)
-                info["opaque"] = whiteout.opaque_value(fd) == whiteout.OPAQUE_YES
+            if found[0].is_dir:
+                info["opaque"] = self._is_opaque_dir(self.table.dir_fd(found[0], UPPER))
+        elif found is not None and found[0].is_dir:
+            info["opaque"] = self._is_opaque_dir(self.table.dir_fd(found[0], top))
         return info
+
+    def _hider_at(self, fd: int, name: bytes) -> str | None:
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if whiteout.is_chardev_whiteout(st):
+                return "whiteout (char 0/0)"
+            if stat.S_ISREG(st.st_mode) and whiteout.is_xattr_whiteout(fd, name, st):
+                return "whiteout (xattr)"
+            return None
+        except FileNotFoundError:
+            pass
+        try:
+            os.stat(whiteout.OCI_WHITEOUT_PREFIX + name, dir_fd=fd, follow_symlinks=False)
+            return "whiteout (.wh.)"
+        except FileNotFoundError:
+            return None
+
+    def _describe_root(self, node: Node) -> dict[str, Any]:
+        layers = self.stack.layers
+        return {
+            "path": "/",
+            "exists": True,
+            "inode": node.ino,
+            "type": "directory",
+            "layer": _layer_info(layers[node.layer]),
+            "merged_layers": [_layer_info(layers[i]) for i in node.layers],
+            "copied_up": False,
+            "origin_layer": None,
+            "shadows": [],
+            "hidden_by": [],
+            "opaque": False,
+        }
 
     def layer_table(self) -> list[dict[str, Any]]:
         return [
@@ -847,3 +900,22 @@ class UnionFS(UnionCore):
 
     def attr_of(self, node: Node, st: os.stat_result) -> Attr:
         return self._attr(node, st)
+
+
+def _layer_info(layer: Any) -> dict[str, Any]:
+    return {"index": layer.index, "dir": layer.path, "upper": layer.is_upper}
+
+
+def _type_name(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISREG, "file"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "char device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return "unknown"

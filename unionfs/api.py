@@ -1,0 +1,76 @@
+"""A small Python API for scripts and tests: mount a union and always unmount it.
+
+Example::
+
+    from unionfs.api import mounted
+
+    with mounted(["/layers/app", "/layers/base"], "/mnt/root",
+                 upper="/layers/rw", workdir="/layers/work") as root:
+        print(os.listdir(root))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+
+from unionfs.config import split_lowerdir
+from unionfs.errors import UnionfsError
+
+__all__ = ["mount", "unmount", "mounted", "split_lowerdir"]
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def mount(
+    lowers: Sequence[str],
+    mountpoint: str,
+    upper: str | None = None,
+    workdir: str | None = None,
+    options: Sequence[str] = (),
+    log_file: str | None = None,
+) -> None:
+    """Mount in the background; returns when the mount is ready, raises UnionfsError if not."""
+    opts = ["lowerdir=" + ":".join(_escape(p) for p in lowers)]
+    if upper is not None:
+        opts += [f"upperdir={_escape(upper)}", f"workdir={_escape(workdir or '')}"]
+    opts += list(options)
+    cmd = [sys.executable, "-m", "unionfs", "mount", "-o", ",".join(opts), mountpoint]
+    if log_file:
+        cmd[4:4] = ["--log-file", log_file]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UnionfsError(proc.stderr.strip().removeprefix("unionfs: ") or "mount failed")
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    """Unmount and wait for the daemon to finish; a lazy unmount also clears a dead mount."""
+    cmd = [sys.executable, "-m", "unionfs", "umount"] + (["-z"] if lazy else []) + [mountpoint]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UnionfsError(proc.stderr.strip().removeprefix("unionfs: ") or "umount failed")
+
+
+@contextlib.contextmanager
+def mounted(
+    lowers: Sequence[str],
+    mountpoint: str,
+    upper: str | None = None,
+    workdir: str | None = None,
+    options: Sequence[str] = (),
+    log_file: str | None = None,
+) -> Iterator[str]:
+    """Mount for the duration of the ``with`` block; always unmounts, lazily if it must."""
+    mount(lowers, mountpoint, upper, workdir, options, log_file)
+    try:
+        yield os.path.realpath(mountpoint)
+    finally:
+        try:
+            unmount(mountpoint)
+        except UnionfsError:
+            unmount(mountpoint, lazy=True)
