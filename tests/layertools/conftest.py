@@ -115,7 +115,7 @@ class TarBuilder:
 
     def __init__(self, fmt: int = tarfile.PAX_FORMAT) -> None:
         self.buffer = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buffer, mode="w", format=fmt)
+        self.tar = tarfile.open(fileobj=self.buffer, mode="w", format=fmt)  # noqa: SIM115
 
     def _info(self, name: str, kind: bytes, mode: int, **fields: object) -> tarfile.TarInfo:
         info = tarfile.TarInfo(name)

@@ -7,7 +7,6 @@ import stat
 from pathlib import Path
 
 from layertools.conftest import needs_kernel_overlay, needs_root
-
 from unionfs.layertools.changes import compute_changes
 
 

@@ -10,8 +10,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from layertools.conftest import needs_root
 
+from layertools.conftest import needs_root
 from unionfs.errors import UnionfsError
 from unionfs.layertools.export import export_layer, export_to_path
 

@@ -9,8 +9,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from layertools.conftest import TarBuilder, needs_root
 
+from layertools.conftest import TarBuilder, needs_root
 from unionfs.errors import UnionfsError
 from unionfs.layertools.importer import import_layer
 

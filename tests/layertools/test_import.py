@@ -1,4 +1,4 @@
-"""``unionfs import`` of layers built by hand with tarfile, checked through the kernel's overlayfs."""
+"""``unionfs import`` of layers built by hand with tarfile, checked through the kernel overlayfs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from layertools.conftest import TarBuilder, needs_kernel_overlay, needs_root
 
+from layertools.conftest import TarBuilder, needs_kernel_overlay, needs_root
 from unionfs.errors import UnionfsError
 from unionfs.layertools.importer import import_layer
 
@@ -89,7 +89,9 @@ def test_imported_stack_mounts_to_the_oci_result(tmp_path: Path, mount_overlay) 
     import_layer(str(top_layer(tmp_path / "top.tar")), tmp_path / "top")
     with mount_overlay([tmp_path / "top", tmp_path / "base"]) as mnt:
         view = merged_files(mnt)
-        dirs = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*") if p.is_dir() and not p.is_symlink())
+        dirs = sorted(
+            str(p.relative_to(mnt)) for p in mnt.rglob("*") if p.is_dir() and not p.is_symlink()
+        )
     # What applying the two layers with the OCI rules gives, written out by hand.
     assert view == {
         "etc/passwd": b"root:x:0:0\n",

@@ -139,7 +139,9 @@ class _Unpacker:
     keep_oci_whiteouts: bool
     allow_devices: bool
     result: ImportResult
-    whiteouts: set[LayerPath] = field(default_factory=set)
+    # Whiteout path -> the marker's (uid, gid, mtime), given to the device so a re-export
+    # reproduces the marker exactly.
+    whiteouts: dict[LayerPath, tuple[int, int, int]] = field(default_factory=dict)
     opaque: set[LayerPath] = field(default_factory=set)
     dir_meta: dict[LayerPath, tuple[int, int | None]] = field(default_factory=dict)
     as_root: bool = field(default_factory=lambda: os.geteuid() == 0)
@@ -161,7 +163,8 @@ class _Unpacker:
             if kind[0] == OPAQUE:
                 self.opaque.add(path[:-1])
             else:
-                self.whiteouts.add(path[:-1] + (kind[1],))
+                marker = (member.uid, member.gid, _mtime_ns(member))
+                self.whiteouts[path[:-1] + (kind[1],)] = marker
             return
         if member.islnk():
             self._link(member, path)
@@ -335,6 +338,11 @@ class _Unpacker:
                     st = os.stat(path[-1], dir_fd=parent, follow_symlinks=False)
                 except FileNotFoundError:
                     whiteout.make_whiteout(parent, path[-1])
+                    uid, gid, marker_mtime = self.whiteouts[path]
+                    if self.as_root:
+                        os.chown(path[-1], uid, gid, dir_fd=parent, follow_symlinks=False)
+                    times = (marker_mtime, marker_mtime)
+                    os.utime(path[-1], ns=times, dir_fd=parent, follow_symlinks=False)
                     self.result.whiteouts += 1
                 else:
                     # The same layer holds the name: it stays, and hides the lower one anyway,
