@@ -147,3 +147,13 @@ def test_upper_written_by_the_kernel(tmp_path: Path, mount_overlay) -> None:  # 
         "C /tmp",
         "A /tmp/scratch",
     ]
+
+
+def test_kept_oci_whiteout_beside_a_new_directory_hides_the_lower_one(tmp_path: Path) -> None:
+    lower = make(tmp_path / "lower", {"d/old": b"", "d/same": b""})
+    upper = make(tmp_path / "upper", {".wh.d": b"", "d/same": b"new"})
+    assert lines(upper, [lower]) == ["C /d", "D /d/old", "C /d/same"]
+    # And a stack whose top lower is such a layer hides d/old from the before-view.
+    assert lines(make(tmp_path / "empty", {}), [upper, lower]) == []
+    top = make(tmp_path / "upper2", {"d/added": b""})
+    assert lines(top, [upper, lower]) == ["C /d", "A /d/added"]

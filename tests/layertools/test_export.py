@@ -142,3 +142,12 @@ def test_failed_export_leaves_no_output(tmp_path: Path) -> None:
     with pytest.raises(UnionfsError):
         export_to_path(tmp_path / "missing", tmp_path / "out.tar", compression="none")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_kept_oci_whiteout_beside_a_directory_exports_it_opaque(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    (upper / "d").mkdir(parents=True)
+    (upper / ".wh.d").write_bytes(b"")
+    (upper / "d" / "f").write_bytes(b"")
+    names = [m.name for m in members(export_bytes(upper)[0])]
+    assert names == [".", "d", "d/.wh..wh..opq", "d/f"]

@@ -112,7 +112,7 @@ class LowerView:
                 break
             fd = open_dir(name, parent_fd)
             merged.append(fd)
-            if scan_dir(fd).opaque:
+            if scan_dir(fd).opaque or name in layer.whiteouts:
                 break
         self._dirs[path] = merged
         return merged
@@ -145,9 +145,20 @@ def _dir_changed(upper: os.stat_result, lower: os.stat_result) -> bool:
     )
 
 
-def _walk(upper_fd: int, path: LayerPath, lowers: LowerView, out: dict[LayerPath, str]) -> bool:
-    """Record the changes under directory ``path`` in ``out``; return whether it is opaque."""
+def _walk(
+    upper_fd: int,
+    path: LayerPath,
+    lowers: LowerView,
+    out: dict[LayerPath, str],
+    whited_out: bool = False,
+) -> bool:
+    """Record the changes under directory ``path`` in ``out``; return whether it is opaque.
+
+    ``whited_out`` says the parent also holds a whiteout for this directory (OCI markers kept
+    beside a new directory of the same name): it hides the lower directory like opaque does.
+    """
     layer = scan_dir(upper_fd)
+    layer.opaque = layer.opaque or whited_out
     below = lowers.listdir(path) if lowers.known else {}
     for name in layer.whiteouts:
         if name not in layer.entries and (name in below or not lowers.known):
@@ -165,7 +176,8 @@ def _walk(upper_fd: int, path: LayerPath, lowers: LowerView, out: dict[LayerPath
             out[child] = CHANGED
         if is_dir(st):
             with opened_dir(name, upper_fd) as child_fd:
-                if _walk(child_fd, child, lowers, out) and lower_st is not None:
+                opaque = _walk(child_fd, child, lowers, out, name in layer.whiteouts)
+                if opaque and lower_st is not None:
                     out[child] = CHANGED
     return layer.opaque
 

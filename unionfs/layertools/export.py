@@ -196,9 +196,14 @@ class _Walker:
     def __init__(self) -> None:
         self.first_link: dict[tuple[int, int], str] = {}
 
-    def members(self, dir_fd: int, path: LayerPath) -> Iterator[_Member]:
+    def members(self, dir_fd: int, path: LayerPath, whited_out: bool = False) -> Iterator[_Member]:
+        """The members for directory ``path`` open as ``dir_fd`` (the directory itself excluded).
+
+        ``whited_out``: the parent also holds a whiteout for this directory, which then hides
+        the lower one as if it were opaque.
+        """
         layer = scan_dir(dir_fd)
-        if layer.opaque:
+        if layer.opaque or whited_out:
             dir_st = os.fstat(dir_fd)
             yield self._marker(path + (whiteout.OCI_OPAQUE_NAME,), dir_st, dir_fd)
         for target in sorted(layer.whiteouts - layer.entries.keys()):
@@ -219,7 +224,7 @@ class _Walker:
             yield _Member(info, dir_fd, name)
             if is_dir(st):
                 with opened_dir(name, dir_fd) as child_fd:
-                    yield from self.members(child_fd, child)
+                    yield from self.members(child_fd, child, name in layer.whiteouts)
 
     def _marker(self, path: LayerPath, st: os.stat_result, dir_fd: int) -> _Member:
         info = _header(path, st, [])
