@@ -64,7 +64,6 @@ class Union:
             return ""
 
 
-
 @pytest.fixture
 def union(tmp_path: Path) -> Iterator[Callable[[int], Union]]:
     """``union(n)``: n empty lowers plus upper/work/mnt; the daemon log is checked at the end."""

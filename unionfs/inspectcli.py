@@ -11,7 +11,6 @@ program can get the same answers without a socket:
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -20,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from unionfs.errors import UnionfsError, UsageError
+from unionfs.errors import ArgumentParser, UnionfsError, UsageError
 
 INSPECT = b"user.unionfs.inspect"
 
@@ -72,7 +71,7 @@ def _print_inspect(path: str, info: dict[str, Any]) -> None:
 
 
 def cmd_inspect(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="unionfs inspect")
+    parser = ArgumentParser(prog="unionfs inspect")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("paths", nargs="+")
     ns = parser.parse_args(args)
@@ -120,7 +119,7 @@ def _human(n: float) -> str:
 
 
 def cmd_layers(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="unionfs layers")
+    parser = ArgumentParser(prog="unionfs layers")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("mountpoint")
     ns = parser.parse_args(args)
@@ -152,7 +151,7 @@ def _print_event(ev: dict[str, Any]) -> None:
 
 
 def cmd_stats(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="unionfs stats")
+    parser = ArgumentParser(prog="unionfs stats")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--follow", "-f", action="store_true", help="stream copy-ups/whiteouts")
     parser.add_argument("--interval", type=float, default=0.2)

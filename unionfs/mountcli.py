@@ -11,7 +11,6 @@ ignored as fuse-overlayfs does).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ import sys
 import time
 
 from unionfs import config
-from unionfs.errors import UnionfsError, UsageError
+from unionfs.errors import ArgumentParser, UnionfsError, UsageError
 
 HELPER_PATH = "/sbin/mount.fuse.unionfs"
 
@@ -60,7 +59,7 @@ def _parse_compat(args: list[str]) -> config.MountConfig:
 
 
 def _parse_mount(args: list[str]) -> tuple[config.MountConfig, str | None]:
-    parser = argparse.ArgumentParser(prog="unionfs mount", add_help=True)
+    parser = ArgumentParser(prog="unionfs mount", add_help=True)
     parser.add_argument("--lower", action="append", default=[], help="lower layer, top first")
     parser.add_argument("--upper", help="writable upper layer")
     parser.add_argument("--workdir", help="work directory on the upper's filesystem")
@@ -69,12 +68,7 @@ def _parse_mount(args: list[str]) -> tuple[config.MountConfig, str | None]:
     parser.add_argument("-d", "--debug", action="store_true", help="log every request")
     parser.add_argument("--log-file", help="where a background daemon writes its log")
     parser.add_argument("mountpoint")
-    try:
-        ns = parser.parse_args(args)
-    except SystemExit as exc:
-        if exc.code == 0:
-            raise
-        raise UsageError("invalid arguments to mount (see unionfs mount --help)") from None
+    ns = parser.parse_args(args)
     cfg = config.MountConfig(lowers=list(ns.lower), mountpoint=ns.mountpoint)
     cfg.upper, cfg.workdir = ns.upper, ns.workdir
     for value in ns.options:
@@ -112,7 +106,7 @@ def mount(args: list[str]) -> int:
 
 
 def umount(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="unionfs umount")
+    parser = ArgumentParser(prog="unionfs umount")
     parser.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up later")
     parser.add_argument("mountpoint")
     ns = parser.parse_args(args)

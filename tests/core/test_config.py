@@ -1,0 +1,102 @@
+"""Option parsing and layer-set validation, without mounting."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from unionfs import config
+from unionfs.errors import UnionfsError, UsageError
+
+
+def test_split_lowerdir_escapes_colons() -> None:
+    assert config.split_lowerdir(r"/a:/b\:c:/d") == ["/a", "/b:c", "/d"]
+    assert config.split_lowerdir("/a::/b") == ["/a", "/b"]
+
+
+def test_unknown_options_are_warned_and_ignored() -> None:
+    cfg = config.MountConfig(lowers=[], mountpoint="/m")
+    config.apply_options(cfg, ["lowerdir=/a:/b", "rw", "x-systemd.automount", "frobnicate=1"])
+    assert cfg.lowers == ["/a", "/b"]
+    assert cfg.warnings == ["unknown argument ignored: frobnicate=1"]
+
+
+def test_fsync_and_timeout_options() -> None:
+    cfg = config.MountConfig(lowers=[], mountpoint="/m")
+    config.apply_options(cfg, ["fsync=0", "timeout=2.5"])
+    assert not cfg.fsync and cfg.timeout == 2.5
+    with pytest.raises(UsageError):
+        config.apply_options(cfg, ["timeout=abc"])
+
+
+def _cfg(tmp: Path, lowers: list[str], upper: str | None = None, work: str | None = None):
+    mnt = tmp / "mnt"
+    mnt.mkdir(exist_ok=True)
+    return config.MountConfig(lowers=lowers, mountpoint=str(mnt), upper=upper, workdir=work)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("file", "is not a directory"),
+        ("twice", "given twice"),
+        ("nested", "is inside"),
+        ("upper_in_lower", "is inside"),
+        ("work_is_upper", "same directory"),
+        ("no_workdir", "must be given together"),
+    ],
+)
+def test_bad_layer_sets(tmp_path: Path, case: str, message: str) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (tmp_path / "f").write_text("x")
+    u, w = tmp_path / "u", tmp_path / "w"
+    u.mkdir()
+    w.mkdir()
+    cases = {
+        "missing": ([str(tmp_path / "nope")], None, None),
+        "file": ([str(tmp_path / "f")], None, None),
+        "twice": ([str(a), str(b), str(a)], None, None),
+        "nested": ([str(a), str(b)], None, None),
+        "upper_in_lower": ([str(a)], str(a / "up"), str(w)),
+        "work_is_upper": ([str(a)], str(u), str(u)),
+        "no_workdir": ([str(a)], str(u), None),
+    }
+    lowers, upper, work = cases[case]
+    if case == "nested":
+        (a / "inner").mkdir()
+        lowers = [str(a), str(a / "inner")]
+    if case == "upper_in_lower":
+        (a / "up").mkdir()
+    cfg = _cfg(tmp_path, lowers, upper, work)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(UnionfsError, match=message):
+        config.validate(cfg)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_mountpoint_checks(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "inside").mkdir()
+    cfg = config.MountConfig(lowers=[str(a)], mountpoint=str(tmp_path / "missing"))
+    with pytest.raises(UnionfsError, match="does not exist"):
+        config.validate(cfg)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    with pytest.raises(UnionfsError, match="not empty"):
+        config.validate(config.MountConfig(lowers=[str(a)], mountpoint=str(full)))
+    with pytest.raises(UnionfsError, match="inside lowerdir"):
+        config.validate(config.MountConfig(lowers=[str(a)], mountpoint=str(a / "inside")))
+
+
+def test_overlap_check_scales_to_thousands(tmp_path: Path) -> None:
+    named = [("lowerdir", f"/layers/{i}") for i in range(5000)]
+    config._check_overlaps(named)  # no error, and no quadratic blow-up
+    with pytest.raises(UnionfsError):
+        config._check_overlaps(named + [("upperdir", "/layers/17/up")])
