@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from layertools.conftest import needs_kernel_overlay, needs_root
 from unionfs.layertools.changes import compute_changes
@@ -157,3 +161,23 @@ def test_kept_oci_whiteout_beside_a_new_directory_hides_the_lower_one(tmp_path: 
     assert lines(make(tmp_path / "empty", {}), [upper, lower]) == []
     top = make(tmp_path / "upper2", {"d/added": b""})
     assert lines(top, [upper, lower]) == ["C /d", "A /d/added"]
+
+
+@pytest.mark.skipif(shutil.which("fuse-overlayfs") is None, reason="needs fuse-overlayfs")
+@needs_root
+def test_upper_written_by_fuse_overlayfs(tmp_path: Path) -> None:
+    lower = make(tmp_path / "lower", {"d/x": b"x", "y": b"y", "z": b"z"})
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    for path in (upper, work, mnt):
+        path.mkdir()
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    subprocess.run(["fuse-overlayfs", "-o", options, str(mnt)], check=True, capture_output=True)
+    try:
+        shutil.rmtree(mnt / "d")
+        (mnt / "d").mkdir()
+        (mnt / "d" / "n").write_bytes(b"n")
+        (mnt / "y").unlink()
+        (mnt / "z").write_bytes(b"z2")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+    assert lines(upper, [lower]) == ["C /d", "A /d/n", "D /d/x", "D /y", "C /z"]
