@@ -24,7 +24,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.oracle.backends import Backend, KernelOverlay, copy_tree, long_run_examples
+from tests.oracle.backends import (
+    Backend,
+    KernelOverlay,
+    copy_tree,
+    long_run_examples,
+    own_dino_lines,
+)
 from tests.oracle.layergen import flatten, generate_stack, make_layer_dirs
 from tests.oracle.tree import Snapshot, diff, format_report, snapshot
 
@@ -88,16 +94,6 @@ def _check(lines: list[str], title: str) -> None:
     assert not lines, format_report(title, lines)
 
 
-def _own_dino(be: Backend, snap: Snapshot) -> list[str]:
-    """d_ino == st_ino everywhere, for FUSE backends (the kernel itself reports the upper's
-    d_ino for merged subdirectories of a pre-populated upper, see docs/testing.md)."""
-    if isinstance(be, KernelOverlay) or "dino" in be.known_gaps:
-        return []
-    return [
-        f"{be.name}: d_ino {d} != st_ino {s} at {p}" for p, (d, s) in snap.dino_mismatch.items()
-    ]
-
-
 @pytest.mark.mount
 @pytest.mark.kernel
 @pytest.mark.parametrize("group", KERNEL_GROUPS, ids=str)
@@ -119,7 +115,7 @@ def test_kernel_format_stacks(
     assert len(ksnap.entries) > group.stacks * 2, "generator produced (nearly) empty trees"
     bsnap = _mount_snapshot(backend, scratch, "b", group)
     lines = diff(ksnap, bsnap, labels=("kernel", backend.name), **diff_options)  # type: ignore[arg-type]
-    lines += _own_dino(backend, bsnap)
+    lines += own_dino_lines(backend, bsnap)
     _check(lines, f"kernel != {backend.name} ({group}; seeds {group.seed}+NNN for sNNN)")
 
 
@@ -237,7 +233,7 @@ def test_layer_on_tmpfs(
             else:
                 opts = dict(diff_options)
                 lines = diff(ref, snap, labels=("flatten", be.name), **opts)  # type: ignore[arg-type]
-                lines += _own_dino(be, snap)
+                lines += own_dino_lines(be, snap)
                 if len(snap.devices()) != 1:
                     lines.append(f"{be.name}: {len(snap.devices())} distinct st_dev values")
             results.append((be.name, lines))
