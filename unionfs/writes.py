@@ -690,11 +690,9 @@ class UnionFS(UnionCore):
         new_hidden = self._upper_hidden_by(new_pfd, new_name) if dst is None else None
         if dst is not None and dst.layers[0] != UPPER:
             new_hidden = None  # the destination lives only below: nothing in the upper yet
-        if (
-            src.is_dir
-            and new_parent.layers != (UPPER,)
-            and self._lower_dir_exists(new_parent, new_name)
-        ):
+        if src.is_dir and new_parent.layers != (UPPER,):
+            # Like the kernel: a directory moved into a merged parent is made opaque, so no
+            # lower directory of the new name can ever merge into it.
             sfd = self.table.dir_fd(src, UPPER)
             if whiteout.opaque_value(sfd) != whiteout.OPAQUE_YES:
                 whiteout.mark_opaque(sfd, self.opaque_xattr)
@@ -719,18 +717,6 @@ class UnionFS(UnionCore):
         self._index_discard(old_parent, old_name)
         self._index_set(new_parent, new_name, src.is_dir, (UPPER,))
         src.parent, src.name = new_parent, new_name
-
-    def _lower_dir_exists(self, parent: Node, name: bytes) -> bool:
-        """Whether a directory ``name`` is visible below the upper in ``parent``."""
-        for layer in parent.layers:
-            if layer == UPPER:
-                continue
-            try:
-                st = os.stat(name, dir_fd=self.table.dir_fd(parent, layer), follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            return stat.S_ISDIR(st.st_mode)
-        return False
 
     def _replace(
         self, old_pfd: int, old_name: bytes, new_pfd: int, new_name: bytes, dst: Node | None
