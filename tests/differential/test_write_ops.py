@@ -157,9 +157,17 @@ def test_seeded_sequences(
             lines = run_sequence(p, sub, op_seeds, backend, diff_options, exclude)
             if lines:
                 failures.append(format_report(f"sequence {sub} (seed {seed}):", lines))
-    assert not failures, f"{len(failures)} of {len(seeds)} sequences differ\n" + "\n".join(
-        failures[:3]
-    )
+    _report(backend, failures, f"{len(failures)} of {len(seeds)} sequences differ")
+
+
+def _report(backend: Backend, failures: list[str], title: str) -> None:
+    """Fail with the first differences, or xfail for a stand-in with documented write gaps."""
+    if not failures:
+        return
+    text = title + "\n" + "\n".join(failures[:3])
+    if "write-semantics" in backend.known_gaps:
+        pytest.xfail(f"{backend.name}: documented write-path gaps (docs/testing.md): {text[:2000]}")
+    pytest.fail(text)
 
 
 class Arena:
@@ -231,6 +239,8 @@ def test_hypothesis_sequences(
     """Hypothesis-driven sequences (shrinks to the shortest failing list of operations)."""
     pair, sub = arena.take(base)
     lines = run_sequence(pair, sub, op_seeds, backend, diff_options, _op_exclude(backend))
+    if lines and "write-semantics" in backend.known_gaps:
+        pytest.xfail(f"{backend.name}: documented write-path gaps (docs/testing.md)")
     assert not lines, format_report(f"base {base}, subtree {sub}:", lines)
 
 

@@ -60,7 +60,17 @@ class Op:
 
     def __str__(self) -> str:
         extra = f" -> {self.path2}" if self.path2 else ""
-        return f"{self.kind}({self.path}{extra}{'' if self.arg is None else f', {self.arg!r}'})"
+        arg = "" if self.arg is None else f", {_short(self.arg)}"
+        return f"{self.kind}({self.path}{extra}{arg})"
+
+
+def _short(value: object) -> str:
+    """repr with long byte strings abbreviated to their length."""
+    if isinstance(value, bytes) and len(value) > 16:
+        return f"<{len(value)} bytes>"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_short(v) for v in value) + ")"
+    return repr(value)
 
 
 @dataclass(frozen=True)
