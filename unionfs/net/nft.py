@@ -14,8 +14,10 @@ Chains (priorities are the standard named ones):
 * ``output`` (nat, -100): the same DNAT for host-sourced traffic, plus loopback bindings, which
   are DNATed only here.
 * ``postrouting`` (nat, srcnat 100): masquerade of host-sourced 127.0.0.0/8 traffic leaving
-  through the bridge, of DNATed bridge-to-bridge traffic (hairpin), and of outbound traffic
-  from the subnet.
+  through the bridge, of DNATed traffic from the subnet back into the bridge (hairpin: without
+  it a container reaching its own published port would get the reply from itself, not from the
+  address it called; ``iifname`` is not known at postrouting, hence the source match), and of
+  outbound traffic from the subnet.
 * ``forward`` (filter, 0): accept bridge traffic.  A base chain's accept does not override a
   drop in another table's forward chain; :func:`forward_drop_warnings` finds such chains.
 """
@@ -130,8 +132,8 @@ def build_ruleset(config: NetConfig, records: list[Record]) -> list[Json]:
     rule(
         "postrouting",
         [
-            _match(_meta("iifname"), br),
             _match(_meta("oifname"), br),
+            _match(_payload("ip", "saddr"), _prefix(str(subnet.network_address), subnet.prefixlen)),
             _match({"ct": {"key": "status"}}, "dnat", "in"),
             {"masquerade": None},
         ],
