@@ -12,7 +12,7 @@ The backend under test is chosen with ``UNIONFS_DIFF_BACKEND`` (``unionfs``, the
 ``fuse-overlayfs``; or ``kernel`` to validate the machinery against the kernel itself).
 Each backend carries ``known_gaps``: differences from the kernel that are documented for that
 backend (a stand-in may have them, unionfs must not).  Tests narrow what they generate or check
-by these gaps and assert, with strict xfails, that each gap really exists.
+by these gaps, and the write tests xfail for a backend with ``write-semantics``.
 """
 
 from __future__ import annotations
