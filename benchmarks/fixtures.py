@@ -88,7 +88,7 @@ QUICK = Scale(
     unlink_files=500,
     rename_files=200,
     mem_files=10_000,
-    samples=1,
+    samples=3,
 )
 
 

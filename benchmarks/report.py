@@ -197,7 +197,8 @@ def evaluate_targets(rows: list[dict[str, Any]], subject: str) -> list[dict[str,
             status = "met (partly measured)"
         else:
             status = "met"
-        out.append({"row": t.row, "target": t.target, "value": "; ".join(parts), "status": status})
+        value = "–" if all(r is None for r in results) else "; ".join(parts)
+        out.append({"row": t.row, "target": t.target, "value": value, "status": status})
     return out
 
 
@@ -238,10 +239,11 @@ def results_table(rows: list[dict[str, Any]], backends: list[str]) -> str:
         for b in backends
         if b not in REFERENCES and "fuse-overlayfs" in backends
     ]
-    head = ["workload", "variant", *backends, *[f"{b} / {r}" for b, r in ratio_cols]]
+    head = ["workload", "variant", "ops", *backends, *[f"{b} / {r}" for b, r in ratio_cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["title"], r["variant"]]
+        ops = [st["ops"] for st in r["backends"].values() if st.get("ops")]
+        cells = [r["title"], r["variant"], str(ops[0]) if ops else ""]
         cells += [_cell(r["backends"][b], r["kind"]) for b in backends]
         for b, ref in ratio_cols:
             ratio = r["backends"][b].get("ratio", {}).get(ref)
@@ -283,6 +285,8 @@ def markdown(report: dict[str, Any], plots: dict[str, str], title: str) -> str:
         "Cells: median (min–max) of the timed run. Ratios: median / median of the reference "
         "(lower is better)."
     )
+    if meta.get("samples_reduced_for_time"):
+        out += ["", "_Some workloads got fewer samples to fit the time budget._"]
     if meta.get("interrupted"):
         out += ["", "**Interrupted: partial results.**"]
     out += ["", "## Machine", ""]
@@ -353,10 +357,14 @@ def plots(report: dict[str, Any], outdir: Path, stem: str = "") -> dict[str, Pat
             if pts:
                 drew = True
                 ax.plot([p[0] for p in pts], [p[1] * 1e6 for p in pts], marker="o", label=b)
-        ax.set(xscale="log", yscale="log", xlabel="layers", ylabel="µs per lookup")
+        ax.set(xscale="log", xlabel="layers", ylabel="µs per lookup")
+        ax.set_yscale("log" if which == "cold" else "linear")
+        if which == "warm":
+            ax.set_ylim(bottom=0)
         ax.set_title(f"{which} deep lookup")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     if drew:
         save(fig, "lookup", "lookup cost vs layer count")
     else:
@@ -377,7 +385,8 @@ def plots(report: dict[str, Any], outdir: Path, stem: str = "") -> dict[str, Pat
             ax.set(xscale="log", yscale="log", xlabel="file size (bytes)", ylabel="s per file")
             ax.set_title(f"copy-up, {v}")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
         save(fig, "copyup", "copy-up time vs file size")
 
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -390,7 +399,8 @@ def plots(report: dict[str, Any], outdir: Path, stem: str = "") -> dict[str, Pat
     if drew:
         ax.set(xscale="log", xlabel="layers", ylabel="ms", title="mount time")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         save(fig, "mount", "mount time vs layer count")
     else:
         plt.close(fig)
@@ -459,7 +469,9 @@ def machine(cache: Path, backend_versions: dict[str, str]) -> dict[str, str]:
         "fixture filesystem": fs_of(cache),
         "python": platform.python_version(),
         "pyfuse3": pyfuse3,
-        "fuse-overlayfs": backend_versions.get("fuse-overlayfs") or "not installed",
+        "fuse-overlayfs": (backend_versions.get("fuse-overlayfs") or "not installed").replace(
+            "fuse-overlayfs: ", ""
+        ),
         "fusermount3": _cmd(["fusermount3", "--version"]),
         "unionfs": backend_versions.get("unionfs") or "unknown",
         "overlay module defaults": " ".join(ovl) or "unknown",

@@ -154,6 +154,7 @@ class Harness:
         self.errors: dict[tuple[str, str, str], str] = {}
         self.counter = 0
         self.interrupted = False
+        self.reduced = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self, need_tmpfs: bool) -> None:
@@ -267,9 +268,20 @@ class Harness:
         self.probe_backends()
         live = [b for b in self.backends if b.available]
         progress = Progress(len(plan) * self.samples * len(live), not self.args.no_progress)
+        deadline = self.args.start + self.args.max_seconds if self.args.max_seconds else None
+        t_sampling, done_samples = time.monotonic(), 0
         try:
-            for w, v in plan:
-                for i in range(self.samples):
+            for j, (w, v) in enumerate(plan):
+                nsamples = self.samples
+                if deadline is not None and done_samples:
+                    per = (time.monotonic() - t_sampling) / done_samples
+                    left = deadline - time.monotonic()
+                    fit = int(left / (per * (len(plan) - j) * max(1, len(live))))
+                    nsamples = max(1, min(self.samples, fit))
+                    if nsamples < self.samples:
+                        self.reduced = True
+                        progress.total -= (self.samples - nsamples) * len(live)
+                for i in range(nsamples):
                     k = i % len(live) if live else 0
                     for b in live[k:] + live[:k]:
                         label = f"{w.key} {v.key} {b.name} #{i + 1}"
@@ -290,6 +302,7 @@ class Harness:
                         ) as exc:
                             self.errors[key] = str(exc)
                             progress.message(f"error: {label}: {exc}")
+                        done_samples += 1
                         progress.update(label, 1)
         except KeyboardInterrupt:
             self.interrupted = True
@@ -300,7 +313,7 @@ class Harness:
 
     def build(self, plan: list[tuple[Workload, Variant]], started: float) -> dict[str, Any]:
         """Assemble the report dict."""
-        workloads = list(dict.fromkeys(w for w, _ in plan))
+        workloads = list({w.key: w for w, _ in plan}.values())
         variants: dict[str, list[str]] = {}
         for w, v in plan:
             variants.setdefault(w.key, []).append(v.key)
@@ -313,6 +326,7 @@ class Harness:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
             "duration_s": time.time() - started,
             "interrupted": self.interrupted,
+            "samples_reduced_for_time": self.reduced,
             "argv": sys.argv[1:],
             "subject": self.args.subject,
             "cache": str(self.cache),
@@ -339,8 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.run",
         description="Benchmark unionfs against kernel overlayfs and fuse-overlayfs.",
     )
-    p.add_argument("--quick", action="store_true", help="small fixtures, 1 sample (< 3 min)")
-    p.add_argument("--samples", type=int, help="samples per backend (default 5, quick 1)")
+    p.add_argument("--quick", action="store_true", help="small fixtures, 3 samples (< 3 min)")
+    p.add_argument("--samples", type=int, help="samples per backend (default 5, quick 3)")
     p.add_argument(
         "--backends",
         default=",".join(DEFAULT_BACKENDS),
@@ -362,10 +376,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subject", default="unionfs", help="backend judged against the targets")
     p.add_argument("--unionfs-bin", help="unionfs executable (default .venv/bin/unionfs)")
     p.add_argument("--tmpfs-size", default="4g", help="size of the tmpfs for tmpfs uppers")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="time budget: later workloads get fewer samples (at least 1) to fit; "
+        "default 2.8 with --quick, none otherwise",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list workloads and exit")
     args = p.parse_args(argv)
+    args.start = time.monotonic()
+    if args.max_minutes is None and args.quick:
+        args.max_minutes = 2.8
+    # leave a little time for the report and the cleanup
+    args.max_seconds = args.max_minutes * 60 - 8 if args.max_minutes else None
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in args.backends:
         if b not in ALL_BACKENDS:
@@ -407,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log("the benchmark needs root (kernel overlayfs, whiteout fixtures, drop_caches)")
         return 2
+    # SIGINT may arrive ignored (started in the background): Ctrl-C/kill -INT must still clean up
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     harness = Harness(args)
