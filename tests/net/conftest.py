@@ -42,7 +42,7 @@ class Sandbox:
 
     run_dir: Path
 
-    def uf(self, *args: str, check: bool = True, stdin: str | None = None, timeout: float = 60):
+    def uf(self, *args: str, check: bool = True, stdin: str | None = None, timeout: float = 30):
         """Run ``unionfs ARGS`` and return the CompletedProcess (text mode)."""
         proc = subprocess.run(
             [sys.executable, "-m", "unionfs", *args],
