@@ -198,9 +198,7 @@ def _network(argv: list[str], cfg: NetConfig) -> int:
                 Interface=cfg.bridge,
                 Subnet=str(cfg.subnet),
                 Gateway=str(cfg.gateway),
-                InterfaceExists=bool(
-                    links.link_names(cfg.bridge) and cfg.bridge in links.link_names(cfg.bridge)
-                ),
+                InterfaceExists=cfg.bridge in links.link_names(cfg.bridge),
                 NftTable=f"ip {cfg.nft_table}",
             )
         entry["Containers"] = {
