@@ -84,6 +84,9 @@ class UnionCore:
         self.opaque_xattr = whiteout.OPAQUE_XATTRS[1 if cfg.userxattr else 0]
         self.file_handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
+        # Names of live multiply-linked files: a node reaches its object through one of them,
+        # and must move to another when that one is unlinked or renamed away.
+        self.aliases: dict[int, list[tuple[Node, bytes]]] = {}
         self._next_fh = 1
 
     def close(self) -> None:
@@ -178,21 +181,51 @@ class UnionCore:
         if top == UPPER and self.stack.has_upper:
             ino = self.read_origin(pfd, name)
         if ino is None:
-            ino = self.stack.natural_ino(st.st_dev, st.st_ino)
+            ino = self.stack.reused_ino(st.st_dev, st.st_ino) or self.stack.natural_ino(
+                st.st_dev, st.st_ino
+            )
         node = self.table.nodes.get(ino)
         if node is not None and (node.removed or node.is_dir != is_dir):
             # The number belongs to an object removed through the mount (the kernel may still
             # hold it) -- the layer filesystem reused it. Give this object its own number.
-            ino = self.stack.synthetic_ino(st.st_dev, st.st_ino)
-            node = self.table.nodes.get(ino)
+            ino = self.stack.synthetic_ino(st.st_dev, st.st_ino, fresh=True)
+            node = None
         if node is None:
             node = Node(ino, parent, name, is_dir, layers)
         else:
             if node.is_dir and node.layers != layers:
                 node.index = None
             node.parent, node.name, node.layers = parent, name, layers
+        if not is_dir and st.st_nlink > 1:
+            self._note_alias(node, parent, name)
         self.stats.count_lookup(top)
         return node, st
+
+    def _note_alias(self, node: Node, parent: Node, name: bytes) -> None:
+        names = self.aliases.setdefault(node.ino, [])
+        if not any(p is parent and n == name for p, n in names):
+            names.append((parent, name))
+
+    def drop_alias(self, node: Node, parent: Node, name: bytes) -> None:
+        """``name`` in ``parent`` no longer names ``node``; re-point the node if it used it."""
+        names = self.aliases.get(node.ino)
+        if names is None:
+            return
+        names[:] = [(p, n) for p, n in names if not (p is parent and n == name)]
+        if node.parent is parent and node.name == name:
+            for p, n in names:
+                try:
+                    st = os.stat(n, dir_fd=self.table.dir_fd(p, node.layer), follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_nlink >= 1:
+                    node.parent, node.name = p, n
+                    return
+
+    def forget(self, ino: int, count: int) -> None:
+        self.table.forget(ino, count)
+        if ino not in self.table.nodes:
+            self.aliases.pop(ino, None)
 
     def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, Attr] | None:
         """Resolve and count one lookup; None for a name that is not there (cacheable)."""
@@ -281,8 +314,10 @@ class UnionCore:
                 raise _err(errno.EISDIR)
             if not stat.S_ISREG(st.st_mode):
                 raise _err(errno.ENXIO)
-            io_flags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC)
-            io_flags |= os.O_CLOEXEC
+            # Only flags that mean something for I/O on the layer file pass through: the
+            # caller's O_NOFOLLOW would refuse the /proc magic link, O_DIRECT would impose
+            # alignment the kernel already handled, O_APPEND would override FUSE's offsets.
+            io_flags = (flags & (os.O_ACCMODE | os.O_SYNC | os.O_DSYNC)) | os.O_CLOEXEC
             if layer != UPPER or not self.stack.has_upper:
                 io_flags |= os.O_NOATIME
             try:

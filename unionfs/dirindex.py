@@ -92,6 +92,37 @@ def scan_layer_dir(fd: int) -> Iterator[tuple[bytes, bool, bool]]:
             yield name, False, False
 
 
+def classify_at(dir_fd: int, name: bytes, detail: bool = False) -> str | None:
+    """What one layer directory holds at ``name``: None, "dir", "other", or a whiteout.
+
+    Whiteouts in every form count (char 0/0, ``.wh.<name>``, and the xattr form in a
+    directory marked ``overlay.opaque="x"``). With ``detail`` the whiteout kind is named, e.g.
+    ``"whiteout (char 0/0)"``; otherwise it is just ``"whiteout"``.
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            return "dir"
+        if whiteout.is_chardev_whiteout(st):
+            return "whiteout (char 0/0)" if detail else "whiteout"
+        if (
+            stat.S_ISREG(st.st_mode)
+            and st.st_size == 0
+            and whiteout.opaque_value(dir_fd) == whiteout.OPAQUE_XWHITEOUTS
+            and whiteout.is_xattr_whiteout(dir_fd, name, st)
+        ):
+            return "whiteout (xattr)" if detail else "whiteout"
+        return "other"
+    try:
+        os.stat(whiteout.OCI_WHITEOUT_PREFIX + name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return "whiteout (.wh.)" if detail else "whiteout"
+
+
 def build_index(layer_fds: list[tuple[int, int]]) -> DirIndex:
     """Merge the listings of one directory's layers (``(layer, fd)`` pairs, top-down).
 

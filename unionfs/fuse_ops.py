@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from unionfs.core import Attr
 from unionfs.writes import UnionFS
@@ -75,6 +76,14 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.timeout = timeout
         self.debug = debug
+        fs.attr_changed = self._invalidate_attrs
+
+    async def _invalidate_attrs(self, inode: int) -> None:
+        # A notification writes to /dev/fuse and may wait for the kernel: never on the loop.
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
+        except OSError as exc:
+            log.debug("invalidate_inode(%d): %s", inode, exc)
 
     def init(self) -> None:
         log.info("serving %s", self.fs.cfg.mountpoint)
@@ -121,7 +130,7 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             for inode, nlookup in inode_list:
-                self.fs.table.forget(inode, nlookup)
+                self.fs.forget(inode, nlookup)
         except Exception:
             log.exception("forget failed")
 

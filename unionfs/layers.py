@@ -102,15 +102,23 @@ class LayerStack:
             return (fsid << INO_BITS) | st_ino
         return self.synthetic_ino(st_dev, st_ino)
 
-    def synthetic_ino(self, st_dev: int, st_ino: int) -> int:
-        """A number from the private range, the same each time for the same object key."""
+    def synthetic_ino(self, st_dev: int, st_ino: int, fresh: bool = False) -> int:
+        """A number from the private range, the same each time for the same object key.
+
+        ``fresh`` replaces the key's number with a new one: the layer filesystem reused the
+        inode number of an object removed through the mount, which the kernel may still hold.
+        """
         key = (st_dev, st_ino)
         ino = self._synthetic.get(key)
-        if ino is None:
+        if ino is None or fresh:
             ino = (SYNTHETIC_FSID << INO_BITS) | self._next_synthetic
             self._next_synthetic += 1
             self._synthetic[key] = ino
         return ino
+
+    def reused_ino(self, st_dev: int, st_ino: int) -> int | None:
+        """The private number given to (``st_dev``, ``st_ino``) after a reuse, if any."""
+        return self._synthetic.get((st_dev, st_ino))
 
     def close(self) -> None:
         for layer in self.layers:

@@ -102,6 +102,14 @@ def mount(args: list[str]) -> int:
         _setup_logging(cfg)
         return lifecycle.serve(cfg)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if log_file is None:
+        # A background daemon's warnings and tracebacks go beside its state record.
+        record = lifecycle.state_file(cfg.mountpoint)
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            log_file = str(record.with_suffix(".log"))
+        except OSError:
+            log_file = None
     return lifecycle.daemonize_and_serve(cfg, log_file)
 
 

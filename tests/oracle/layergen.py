@@ -73,6 +73,8 @@ class GenStats:
 class _Gen:
     """One stack generation: the model of the merged view plus materialization helpers."""
 
+    hardlinks = True
+
     def __init__(
         self,
         layers: Sequence[Path],
@@ -334,7 +336,7 @@ class _Gen:
             (self.op_dir, 3),
             (self.op_symlink, 2),
             (self.op_special, 1),
-            (self.op_hardlink, 1),
+            (self.op_hardlink, 1 if self.hardlinks else 0),
             (self.op_whiteout, 4),
             (self.op_redir_meta, 1),
         )
@@ -361,6 +363,7 @@ def generate_stack(
     has_upper: bool = False,
     upper_forms: frozenset[str] | None = frozenset({"wh_chr", "wh_chr_link", "opq_trusted"}),
     symlink_targets: Sequence[str] = SYMLINK_TARGETS,
+    lower_hardlinks: bool = True,
 ) -> GenStats:
     """Populate existing layer directories (top first) with one generated stack.
 
@@ -383,6 +386,7 @@ def generate_stack(
         has_upper=has_upper,
     )
     gen.symlink_targets = tuple(symlink_targets)
+    gen.hardlinks = lower_hardlinks
     for idx in reversed(range(len(layers))):
         gen.build_layer(idx, rng.randint(*ops_per_layer))
     return gen.stats
