@@ -47,13 +47,22 @@ def snapshot(root: str | Path, upper: bool = False) -> dict[str, tuple]:
             xattrs: list[tuple[str, bytes]] = []
             if not stat.S_ISLNK(st.st_mode):
                 for a in sorted(os.listxattr(p, follow_symlinks=False)):
-                    if a.startswith("user.") and not a.startswith(("user.overlay.", "user.unionfs")):
+                    if a.startswith("user.") and not a.startswith(
+                        ("user.overlay.", "user.unionfs")
+                    ):
                         xattrs.append((a, os.getxattr(p, a, follow_symlinks=False)))
                     if upper and a == "trusted.overlay.opaque":
                         xattrs.append((a, os.getxattr(p, a, follow_symlinks=False)))
             size = None if stat.S_ISDIR(st.st_mode) else st.st_size
-            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                        size, extra, tuple(xattrs))
+            out[rel] = (
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                size,
+                extra,
+                tuple(xattrs),
+            )
     return out
 
 
@@ -280,8 +289,8 @@ def test_copy_up_is_seen_by_earlier_readers_and_done_once(union: Callable[[int],
     write(u.lowers[0] / "f", "old content")
     with u.mount() as m:
         mp = Path(m)
-        reader = os.open(mp / "f", os.O_RDONLY | os.O_DIRECT) if False else open(mp / "f", "rb")
-        writers = [open(mp / "f", "r+b") for _ in range(3)]
+        reader = open(mp / "f", "rb")  # noqa: SIM115 - held open across the copy-up
+        writers = [open(mp / "f", "r+b") for _ in range(3)]  # noqa: SIM115
         writers[0].write(b"NEW")
         writers[0].flush()
         for w in writers:
@@ -339,7 +348,9 @@ def test_kill_during_copy_up_leaves_old_or_new(union: Callable[[int], Union]) ->
 
     mount([str(u.lowers[0])], mp, str(u.upper), str(u.work))
     pid = __import__("json").loads(
-        next(Path("/run/unionfs/mounts").glob(mp.strip("/").replace("/", "_") + ".json")).read_text()
+        next(
+            Path("/run/unionfs/mounts").glob(mp.strip("/").replace("/", "_") + ".json")
+        ).read_text()
     )["pid"]
     proc = subprocess.Popen(
         [sys.executable, "-c", f"open({str(Path(mp) / 'big')!r}, 'r+b').write(b'N')"],
@@ -403,9 +414,7 @@ def test_mount_helper(union: Callable[[int], Union]) -> None:
     u = union(1)
     write(u.lowers[0] / "f", "via mount -t")
     opts = f"lowerdir={u.lowers[0]},upperdir={u.upper},workdir={u.work}"
-    subprocess.run(
-        ["mount", "-t", "fuse.unionfs", "unionfs", str(u.mnt), "-o", opts], check=True
-    )
+    subprocess.run(["mount", "-t", "fuse.unionfs", "unionfs", str(u.mnt), "-o", opts], check=True)
     try:
         assert (u.mnt / "f").read_text() == "via mount -t"
         (u.mnt / "g").write_text("written")
