@@ -12,6 +12,7 @@ Subcommand families live in their own modules, each exposing ``main(argv) -> int
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from unionfs.errors import UnionfsError
@@ -28,7 +29,7 @@ usage: unionfs mount [--lower DIR]... [--upper DIR --workdir DIR] [-o OPT] [-f] 
        unionfs -o lowerdir=L1:L2,upperdir=U,workdir=W [-f] [-d] MNT   (fuse-overlayfs form)
        unionfs umount [-z] MNT
        unionfs inspect [--json] PATH... | layers MNT | stats [--follow] MNT
-       unionfs diff | export | import ...
+       unionfs diff --upper U [--lower L]... | export --upper U [-o OUT] | import LAYER DIR
        unionfs run [OPTIONS] ROOTFS -- CMD... | ps | rm NAME | port NAME | network ls|inspect
        unionfs net gc
        unionfs install-helper        (installs /sbin/mount.fuse.unionfs)
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `unionfs network inspect | head`).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

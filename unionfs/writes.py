@@ -684,6 +684,7 @@ class UnionFS(UnionCore):
         src, _ = await self._child(old_parent, old_name)
         dst_found = self.resolve(new_parent, new_name)
         dst = dst_found[0] if dst_found else None
+        dst_links = dst_found[1].st_nlink if dst_found else 0
         if dst is not None and dst is src:
             return  # two names of one object: rename(2) does nothing
         if flags & RENAME_EXCHANGE:
@@ -734,7 +735,8 @@ class UnionFS(UnionCore):
         else:
             self._replace(old_pfd, old_name, new_pfd, new_name, dst)
         if dst is not None:
-            dst.removed = dst.layers[0] == UPPER
+            # Only an object whose last name went away can have its number reused.
+            dst.removed = dst.layers[0] == UPPER and (dst.is_dir or dst_links <= 1)
             if dst.is_dir:
                 self.table.close_fds(dst)
         self._index_discard(old_parent, old_name)
