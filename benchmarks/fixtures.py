@@ -376,8 +376,8 @@ def _build_untar(tmp: Path, p: dict[str, Any]) -> dict[str, Any]:
 
 def describe(fx: Fixture) -> dict[str, Any]:
     """A JSON-friendly summary of a fixture for the report."""
-    info = {k: v for k, v in fx.info.items() if k not in ("lists", "format")}
-    return {"root": str(fx.root), "layers": len(fx.layers), **info}
+    info = {k: v for k, v in fx.info.items() if k not in ("lists", "format", "layers", "params")}
+    return {"root": str(fx.root), "layers": len(fx.layers), **fx.info.get("params", {}), **info}
 
 
 def scale_dict(scale: Scale) -> dict[str, Any]:

@@ -266,7 +266,10 @@ def targets_table(targets: list[dict[str, Any]], subject: str) -> str:
 def backends_table(info: dict[str, dict[str, Any]]) -> str:
     """Which backends ran, their versions, and why any were skipped."""
     lines = ["| backend | version | status |", "|---|---|---|"]
-    for name, b in info.items():
+    shown = dict(info)
+    for name in ("kernel", "fuse-overlayfs", "unionfs"):
+        shown.setdefault(name, {"available": False, "note": "not requested (--backends)"})
+    for name, b in shown.items():
         status = "measured" if b["available"] else "skipped"
         if b.get("note"):
             status += f": {b['note']}"
@@ -308,8 +311,17 @@ def markdown(report: dict[str, Any], plots: dict[str, str], title: str) -> str:
     )
     out += ["", "## Fixtures", ""]
     for name, fx in meta.get("fixtures", {}).items():
-        desc = ", ".join(f"{k}={v}" for k, v in fx.items() if k not in ("root", "params"))
+        desc = ", ".join(
+            f"{k}={len(v) if isinstance(v, list) else v}"
+            for k, v in fx.items()
+            if k not in ("root", "params")
+        )
         out.append(f"- {name}: {desc}")
+    out += [
+        "",
+        "Disk-upper variants depend on the disk and on everything else doing I/O on the "
+        "machine; the tmpfs variant isolates the filesystem's own cost.",
+    ]
     if plots:
         out += ["", "## Plots", ""]
         for label, path in plots.items():

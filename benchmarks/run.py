@@ -385,6 +385,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list workloads and exit")
+    p.add_argument(
+        "--from-json",
+        help="re-render the markdown, plots and targets from an earlier results.json (no run)",
+    )
     args = p.parse_args(argv)
     args.start = time.monotonic()
     if args.max_minutes is None and args.quick:
@@ -428,6 +432,13 @@ def main(argv: list[str] | None = None) -> int:
         for w in select(catalogue(scale), args.workloads):
             kinds = ",".join(VARIANTS) if w.write else "-"
             print(f"{w.key:18} {w.group:7} {kinds:24} {w.title}")
+        return 0
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        report["meta"]["subject"] = args.subject
+        report["targets"] = rep.evaluate_targets(report["results"], args.subject)
+        out = write_outputs(report, args)
+        log(f"re-rendered into {out}" + (f" and {args.results_md}" if args.results_md else ""))
         return 0
     if os.geteuid() != 0:
         log("the benchmark needs root (kernel overlayfs, whiteout fixtures, drop_caches)")
