@@ -206,8 +206,14 @@ class UnionCore:
         if not any(p is parent and n == name for p, n in names):
             names.append((parent, name))
 
-    def drop_alias(self, node: Node, parent: Node, name: bytes) -> None:
-        """``name`` in ``parent`` no longer names ``node``; re-point the node if it used it."""
+    def drop_alias(
+        self, node: Node, parent: Node, name: bytes, key: tuple[int, int] | None = None
+    ) -> None:
+        """``name`` in ``parent`` no longer names ``node``; re-point the node if it used it.
+
+        ``key`` is the (st_dev, st_ino) of the node's object: another name is only taken if
+        it still refers to that object.
+        """
         names = self.aliases.get(node.ino)
         if names is None:
             return
@@ -218,9 +224,19 @@ class UnionCore:
                     st = os.stat(n, dir_fd=self.table.dir_fd(p, node.layer), follow_symlinks=False)
                 except OSError:
                     continue
-                if st.st_nlink >= 1:
+                if key is None or (st.st_dev, st.st_ino) == key:
                     node.parent, node.name = p, n
                     return
+
+    def move_alias(
+        self, node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes
+    ) -> None:
+        """``node`` moved from one name to another (rename): keep its alias list true."""
+        names = self.aliases.get(node.ino)
+        if names is not None:
+            names[:] = [(p, n) for p, n in names if not (p is old_parent and n == old_name)]
+            names.append((new_parent, new_name))
+        node.parent, node.name = new_parent, new_name
 
     def forget(self, ino: int, count: int) -> None:
         self.table.forget(ino, count)

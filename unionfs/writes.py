@@ -339,12 +339,14 @@ class UnionFS(UnionCore):
         hidden = self._upper_hidden_by(pfd, name)
         owner_uid, owner_gid, sgid_dir = self._owner(pfd, uid, gid)
         is_dir = kind == "dir"
+        keep_owner = kind == "link"  # a new name for an existing inode keeps its owner
         fd: int | None = None
         if hidden == "whiteout":
             tmp = copyup.temp_name()
             fd = make(self.work_fd, tmp)
             try:
-                self._set_owner(self.work_fd, tmp, owner_uid, owner_gid, is_dir and sgid_dir)
+                if not keep_owner:
+                    self._set_owner(self.work_fd, tmp, owner_uid, owner_gid, is_dir and sgid_dir)
                 if is_dir:
                     tfd = open_dir_at(self.work_fd, tmp)
                     try:
@@ -364,7 +366,8 @@ class UnionFS(UnionCore):
         else:
             fd = make(pfd, name)
             try:
-                self._set_owner(pfd, name, owner_uid, owner_gid, False)
+                if not keep_owner:
+                    self._set_owner(pfd, name, owner_uid, owner_gid, False)
                 if hidden == "oci":
                     if is_dir:
                         tfd = open_dir_at(pfd, name)
@@ -664,7 +667,7 @@ class UnionFS(UnionCore):
             if node.is_dir or st.st_nlink <= 1:
                 node.removed = True
         self._index_discard(parent, name)
-        self.drop_alias(node, parent, name)
+        self.drop_alias(node, parent, name, (st.st_dev, st.st_ino))
 
     # -- rename -------------------------------------------------------------------------
 
@@ -703,10 +706,14 @@ class UnionFS(UnionCore):
         # destination: EXDEV wins over ENOTEMPTY.
         if not self._movable(src):
             raise _err(errno.EXDEV)
-        if dst is not None and dst.is_dir and len(self.index_of(dst)):
+        if (
+            dst is not None
+            and dst.is_dir
+            and (len(self.index_of(dst)) or self._lower_xwhiteouts(dst))
+        ):
             raise _err(errno.ENOTEMPTY)
-        if dst is not None and dst.is_dir and not self._movable(dst):
-            raise _err(errno.EXDEV)
+        # An empty merged or lower destination directory is simply replaced: the moved
+        # directory is made opaque below, so nothing of the old one shows through.
         await self.copy_up(src)
         old_pfd = self.upper_dir_fd(old_parent)
         new_pfd = self.upper_dir_fd(new_parent)
@@ -741,12 +748,10 @@ class UnionFS(UnionCore):
                 self.table.close_fds(dst)
         self._index_discard(old_parent, old_name)
         self._index_set(new_parent, new_name, src.is_dir, (UPPER,))
-        if dst is not None:
-            self.drop_alias(dst, new_parent, new_name)
-        self.drop_alias(src, old_parent, old_name)
-        src.parent, src.name = new_parent, new_name
-        if src.ino in self.aliases:
-            self._note_alias(src, new_parent, new_name)
+        if dst is not None and dst_found is not None:
+            dst_st = dst_found[1]
+            self.drop_alias(dst, new_parent, new_name, (dst_st.st_dev, dst_st.st_ino))
+        self.move_alias(src, old_parent, old_name, new_parent, new_name)
 
     def _replace(
         self, old_pfd: int, old_name: bytes, new_pfd: int, new_name: bytes, dst: Node | None
@@ -805,7 +810,8 @@ class UnionFS(UnionCore):
         renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
         self._index_set(old_parent, old_name, dst.is_dir, (UPPER,))
         self._index_set(new_parent, new_name, src.is_dir, (UPPER,))
-        src.parent, src.name, dst.parent, dst.name = new_parent, new_name, old_parent, old_name
+        self.move_alias(src, old_parent, old_name, new_parent, new_name)
+        self.move_alias(dst, new_parent, new_name, old_parent, old_name)
 
     # -- inspection ---------------------------------------------------------------------
 
