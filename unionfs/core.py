@@ -177,9 +177,24 @@ class UnionCore:
         except FileNotFoundError:
             index.discard(name)
             return None
-        ino = None
+        origin = None
         if top == UPPER and self.stack.has_upper:
-            ino = self.read_origin(pfd, name)
+            origin = self.read_origin(pfd, name)
+        node = self.node_for(parent, name, is_dir, layers, st, origin)
+        self.stats.count_lookup(top)
+        return node, st
+
+    def node_for(
+        self,
+        parent: Node,
+        name: bytes,
+        is_dir: bool,
+        layers: tuple[int, ...],
+        st: os.stat_result,
+        origin: int | None = None,
+    ) -> Node:
+        """The node for the object ``st`` found at ``name`` in ``parent`` (not counted)."""
+        ino = origin
         if ino is None:
             ino = self.stack.reused_ino(st.st_dev, st.st_ino) or self.stack.natural_ino(
                 st.st_dev, st.st_ino
@@ -198,8 +213,7 @@ class UnionCore:
             node.parent, node.name, node.layers = parent, name, layers
         if not is_dir and st.st_nlink > 1:
             self._note_alias(node, parent, name)
-        self.stats.count_lookup(top)
-        return node, st
+        return node
 
     def _note_alias(self, node: Node, parent: Node, name: bytes) -> None:
         names = self.aliases.setdefault(node.ino, [])

@@ -326,7 +326,14 @@ class UnionFS(UnionCore):
         return parent, -1
 
     async def _new_entry(
-        self, parent_ino: int, name: bytes, kind: str, make: Any, uid: int, gid: int
+        self,
+        parent_ino: int,
+        name: bytes,
+        kind: str,
+        make: Any,
+        uid: int,
+        gid: int,
+        probe: bool = False,
     ) -> tuple[Node, os.stat_result, int | None]:
         """Create ``name`` with ``make(dir_fd, name) -> fd | None`` in the upper layer.
 
@@ -336,7 +343,10 @@ class UnionFS(UnionCore):
         """
         parent, _ = self._prepare_new(parent_ino, name)
         pfd = self.upper_dir_fd(parent)
-        hidden = self._upper_hidden_by(pfd, name)
+        # A directory with no lower layers holds no whiteouts (none is ever needed there),
+        # so the probe is skipped; a stray one still surfaces as EEXIST and is handled.
+        careful = probe or parent.layers != (UPPER,)
+        hidden = self._upper_hidden_by(pfd, name) if careful else None
         owner_uid, owner_gid, sgid_dir = self._owner(pfd, uid, gid)
         is_dir = kind == "dir"
         keep_owner = kind == "link"  # a new name for an existing inode keeps its owner
@@ -364,7 +374,13 @@ class UnionFS(UnionCore):
                 copyup.remove_tree_at(self.work_fd, tmp)
                 raise
         else:
-            fd = make(pfd, name)
+            try:
+                fd = make(pfd, name)
+            except FileExistsError:
+                if careful or self._upper_hidden_by(pfd, name) is None:
+                    raise
+                # A stray whiteout in a directory without lowers: take the careful path.
+                return await self._new_entry(parent_ino, name, kind, make, uid, gid, True)
             try:
                 if not keep_owner:
                     self._set_owner(pfd, name, owner_uid, owner_gid, False)
@@ -382,10 +398,17 @@ class UnionFS(UnionCore):
                     os.close(fd)
                 raise
         self._index_set(parent, name, is_dir, (UPPER,))
-        found = self.resolve(parent, name)
-        if found is None:
-            raise _err(errno.EIO)
-        node, st = found
+        if keep_owner:
+            found = self.resolve(parent, name)  # an existing inode: keeps its number
+            if found is None:
+                raise _err(errno.EIO)
+            node, st = found
+        else:
+            if fd is not None:
+                st = os.fstat(fd)
+            else:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            node = self.node_for(parent, name, is_dir, (UPPER,), st)
         if node.is_dir:
             node.index = None
         node = self.table.remember(node)
@@ -393,6 +416,8 @@ class UnionFS(UnionCore):
 
     @staticmethod
     def _set_owner(dir_fd: int, name: bytes, uid: int, gid: int, keep_sgid: bool) -> None:
+        if not keep_sgid and uid == os.geteuid() and gid == os.getegid():
+            return  # created by us with exactly that owner: nothing to change
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if (st.st_uid, st.st_gid) != (uid, gid):
             os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
@@ -485,9 +510,6 @@ class UnionFS(UnionCore):
         if not handle.writable:
             raise _err(errno.EBADF)
         return os.pwrite(handle.fd, buf, off)
-
-    def flush(self, fh: int) -> None:
-        self.file_handle(fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.file_handle(fh)
