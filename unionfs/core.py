@@ -160,9 +160,21 @@ class UnionCore:
         Returns the node (the live one if the object is already known, with its location
         refreshed) and the stat of its topmost layer object. Does not count a lookup.
         """
+        index = parent.index or self.index_of(parent)
+        node = index.known.get(name)
+        if (
+            node is not None
+            and node.st is not None
+            and node.parent is parent
+            and node.name == name
+            and not node.removed
+        ):
+            live = self.table.nodes.get(node.ino)
+            if live is None or live is node:
+                self.stats.count_lookup(node.layers[0])
+                return node, node.st
         if whiteout.is_marker_name(name):
             return None
-        index = self.index_of(parent)
         entry = index.get(name)
         if entry is None:
             return None
@@ -181,6 +193,13 @@ class UnionCore:
         if top == UPPER and self.stack.has_upper:
             origin = self.read_origin(pfd, name)
         node = self.node_for(parent, name, is_dir, layers, st, origin)
+        if top != UPPER or not self.stack.has_upper:
+            if node.st is None or node.st.st_ino != st.st_ino:
+                node.fuse_entry = None
+            node.st = st
+            index.known[name] = node
+        else:
+            node.drop_attr_cache()
         self.stats.count_lookup(top)
         return node, st
 
@@ -285,6 +304,8 @@ class UnionCore:
         return Attr(node.ino, st, nlink)
 
     def attr(self, node: Node) -> Attr:
+        if node.st is not None:
+            return self._attr(node, node.st)  # only lower objects keep a cached stat
         try:
             st = self.lstat_in(node, node.layer)
         except FileNotFoundError:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from typing import Any
 
 from unionfs import whiteout
 
@@ -31,19 +32,24 @@ Entry = tuple[bool, tuple[int, ...], bool]
 class DirIndex:
     """The visible names of one merged directory, in listing order (upper first)."""
 
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "known")
 
     def __init__(self, entries: dict[bytes, Entry]) -> None:
         self.entries = entries
+        # name -> node of a lower object already resolved here: a lookup shortcut that
+        # outlives the kernel forgetting the node (lower objects never change).
+        self.known: dict[bytes, Any] = {}
 
     def get(self, name: bytes) -> Entry | None:
         return self.entries.get(name)
 
     def set(self, name: bytes, entry: Entry) -> None:
         self.entries[name] = entry
+        self.known.pop(name, None)
 
     def discard(self, name: bytes) -> None:
         self.entries.pop(name, None)
+        self.known.pop(name, None)
 
     def names(self) -> list[bytes]:
         return list(self.entries)

@@ -19,6 +19,7 @@ import pyfuse3
 import trio
 
 from unionfs.core import Attr
+from unionfs.inodes import Node
 from unionfs.writes import UnionFS
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,15 @@ class Operations(pyfuse3.Operations):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
+    def entry_for(self, node: Node, attr: Attr) -> pyfuse3.EntryAttributes:
+        """The reply for ``node``: built once for objects served from a (read-only) lower."""
+        if node.st is not None and attr.st is node.st:
+            cached = node.fuse_entry
+            if cached is None:
+                cached = node.fuse_entry = self.entry(attr)
+            return cached  # type: ignore[return-value]
+        return self.entry(attr)
+
     def negative(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
@@ -125,7 +135,7 @@ class Operations(pyfuse3.Operations):
         found = self.fs.lookup(parent_inode, name)
         if found is None:
             return self.negative()
-        return self.entry(found[1])
+        return self.entry_for(*found)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
@@ -136,7 +146,8 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self.entry(self.fs.getattr(inode))
+        node = self.fs.node(inode)
+        return self.entry_for(node, self.fs.attr(node))
 
     @boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:

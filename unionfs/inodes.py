@@ -41,6 +41,8 @@ class Node:
         "fds",
         "removed",
         "generation",
+        "st",
+        "fuse_entry",
         "__weakref__",
     )
 
@@ -62,6 +64,15 @@ class Node:
         self.fds: dict[int, int] | None = None
         self.removed = False
         self.generation = 0
+        # Attributes of an object served from a lower layer never change (lowers are
+        # read-only), so they are kept: ``st`` and the adapter's ready-made reply.
+        self.st: os.stat_result | None = None
+        self.fuse_entry: object = None
+
+    def drop_attr_cache(self) -> None:
+        """Forget cached attributes (the object moved to the upper layer or was removed)."""
+        self.st = None
+        self.fuse_entry = None
 
     @property
     def layer(self) -> int:

@@ -128,6 +128,7 @@ class UnionFS(UnionCore):
             raise
         self._restore_times(parent_fd, parent_times)
         node.layers = (UPPER,) + node.layers
+        node.drop_attr_cache()
         self._index_set(node.parent, node.name, True, node.layers)
         self.stats.copy_ups += 1
         self.stats.event("copy-up", path=node.path().decode(errors="replace"), size=0, type="dir")
@@ -237,6 +238,7 @@ class UnionFS(UnionCore):
             raise
         self._restore_times(parent_fd, parent_times)
         node.layers = (UPPER,)
+        node.drop_attr_cache()
         self._index_set(parent, node.name, False, node.layers)
         elapsed = time.monotonic() - started
         self.stats.copy_ups += 1
