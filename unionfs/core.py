@@ -161,18 +161,6 @@ class UnionCore:
         refreshed) and the stat of its topmost layer object. Does not count a lookup.
         """
         index = parent.index or self.index_of(parent)
-        node = index.known.get(name)
-        if (
-            node is not None
-            and node.st is not None
-            and node.parent is parent
-            and node.name == name
-            and not node.removed
-        ):
-            live = self.table.nodes.get(node.ino)
-            if live is None or live is node:
-                self.stats.count_lookup(node.layers[0])
-                return node, node.st
         if whiteout.is_marker_name(name):
             return None
         entry = index.get(name)
@@ -194,9 +182,7 @@ class UnionCore:
             origin = self.read_origin(pfd, name)
         node = self.node_for(parent, name, is_dir, layers, st, origin)
         if top != UPPER or not self.stack.has_upper:
-            if node.st is None or node.st.st_ino != st.st_ino:
-                node.fuse_entry = None
-            node.st = st
+            node.immutable = True
             index.known[name] = node
         else:
             node.drop_attr_cache()
@@ -232,6 +218,29 @@ class UnionCore:
             node.parent, node.name, node.layers = parent, name, layers
         if not is_dir and st.st_nlink > 1:
             self._note_alias(node, parent, name)
+        return node
+
+    def resolve_cached(self, parent: Node, name: bytes) -> Node | None:
+        """The node for ``name`` if it is a lower object whose reply the adapter holds.
+
+        A dict hit that skips the ``fstatat`` of :meth:`resolve`; None means "resolve it".
+        """
+        index = parent.index
+        if index is None:
+            return None
+        node = index.known.get(name)
+        if (
+            node is None
+            or node.fuse_entry is None
+            or node.parent is not parent
+            or node.name != name
+            or node.removed
+        ):
+            return None
+        live = self.table.nodes.get(node.ino)
+        if live is not None and live is not node:
+            return None
+        self.stats.count_lookup(node.layers[0])
         return node
 
     def _note_alias(self, node: Node, parent: Node, name: bytes) -> None:
@@ -276,9 +285,15 @@ class UnionCore:
         if ino not in self.table.nodes:
             self.aliases.pop(ino, None)
 
-    def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, Attr] | None:
-        """Resolve and count one lookup; None for a name that is not there (cacheable)."""
+    def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, Attr | None] | None:
+        """Resolve and count one lookup; None for a name that is not there (cacheable).
+
+        The attributes are None when the node's cached reply can be used as it is.
+        """
         parent = self.node(parent_ino)
+        cached = self.resolve_cached(parent, name)
+        if cached is not None:
+            return self.table.remember(cached), None
         if name == b".":
             self.table.remember(parent)
             return parent, self.attr(parent)
@@ -304,8 +319,6 @@ class UnionCore:
         return Attr(node.ino, st, nlink)
 
     def attr(self, node: Node) -> Attr:
-        if node.st is not None:
-            return self._attr(node, node.st)  # only lower objects keep a cached stat
         try:
             st = self.lstat_in(node, node.layer)
         except FileNotFoundError:

@@ -111,14 +111,17 @@ class Operations(pyfuse3.Operations):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
-    def entry_for(self, node: Node, attr: Attr) -> pyfuse3.EntryAttributes:
+    def entry_for(self, node: Node, attr: Attr | None) -> pyfuse3.EntryAttributes:
         """The reply for ``node``: built once for objects served from a (read-only) lower."""
-        if node.st is not None and attr.st is node.st:
-            cached = node.fuse_entry
-            if cached is None:
-                cached = node.fuse_entry = self.entry(attr)
+        cached = node.fuse_entry
+        if cached is not None:
             return cached  # type: ignore[return-value]
-        return self.entry(attr)
+        if attr is None:
+            attr = self.fs.attr(node)
+        entry = self.entry(attr)
+        if node.immutable:
+            node.fuse_entry = entry
+        return entry
 
     def negative(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -147,7 +150,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.fs.node(inode)
-        return self.entry_for(node, self.fs.attr(node))
+        return self.entry_for(node, None)
 
     @boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -173,13 +176,16 @@ class Operations(pyfuse3.Operations):
         names = handle.names
         for i in range(start_id - 2, len(names)):
             name = names[i]
-            found = self.fs.resolve(node, name)
-            if found is None:
-                continue
-            child, st = found
-            if not pyfuse3.readdir_reply(
-                token, name, self.entry(self.fs.attr_of(child, st)), i + 3
-            ):
+            child = self.fs.resolve_cached(node, name)
+            if child is not None:
+                entry = child.fuse_entry
+            else:
+                found = self.fs.resolve(node, name)
+                if found is None:
+                    continue
+                child, st = found
+                entry = self.entry_for(child, self.fs.attr_of(child, st))
+            if not pyfuse3.readdir_reply(token, name, entry, i + 3):  # type: ignore[arg-type]
                 return
             self.fs.table.remember(child)
 

@@ -41,7 +41,7 @@ class Node:
         "fds",
         "removed",
         "generation",
-        "st",
+        "immutable",
         "fuse_entry",
         "__weakref__",
     )
@@ -64,14 +64,15 @@ class Node:
         self.fds: dict[int, int] | None = None
         self.removed = False
         self.generation = 0
-        # Attributes of an object served from a lower layer never change (lowers are
-        # read-only), so they are kept: ``st`` and the adapter's ready-made reply.
-        self.st: os.stat_result | None = None
+        # An object served from a lower layer never changes (lowers are read-only): the
+        # adapter keeps its ready-made reply in ``fuse_entry`` (a compact C struct, where an
+        # os.stat_result would cost three times the memory).
+        self.immutable = False
         self.fuse_entry: object = None
 
     def drop_attr_cache(self) -> None:
         """Forget cached attributes (the object moved to the upper layer or was removed)."""
-        self.st = None
+        self.immutable = False
         self.fuse_entry = None
 
     @property
