@@ -26,8 +26,15 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
-.venv/bin/python -c "import pyfuse3, trio, xattr" 
+PIP_LOG=$(mktemp)
+if ! .venv/bin/pip install -q --disable-pip-version-check -e ".[test,bench,zstd]" >"$PIP_LOG" 2>&1; then
+    grep -v "is ignored: it is neither" "$PIP_LOG" >&2
+    rm -f "$PIP_LOG"
+    echo "install.sh: pip install failed" >&2
+    exit 1
+fi
+rm -f "$PIP_LOG"
+.venv/bin/python -c "import pyfuse3, trio, xattr, pyroute2"
 
 # Debian's unionfs-fuse ships /usr/bin/unionfs; /usr/local/bin comes first on root's PATH.
 ln -sf "$ROOT/.venv/bin/unionfs" /usr/local/bin/unionfs
