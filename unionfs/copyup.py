@@ -33,20 +33,35 @@ def temp_name() -> bytes:
     return b"#unionfs-%x-%x" % (os.getpid(), next(_tmp_counter))
 
 
-def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+SMALL_FILE = 64 * 1024
+# (source st_dev, destination st_dev) pairs known to refuse a reflink / copy_file_range:
+# learnt once per mount instead of failing a syscall on every copy-up.
+_no_reflink: set[tuple[int, int]] = set()
+_no_copy_range: set[tuple[int, int]] = set()
+
+
+def copy_data(src_fd: int, dst_fd: int, size: int, devs: tuple[int, int] = (0, 0)) -> None:
     """Copy ``size`` bytes of file data, sharing blocks where the filesystem can.
 
     Tries a reflink first; otherwise copies each data extent (found with SEEK_DATA and
     SEEK_HOLE) with ``copy_file_range``, falling back to ``sendfile`` across filesystems
-    that refuse it. Holes are skipped, so a sparse file stays sparse.
+    that refuse it. Holes are skipped, so a sparse file stays sparse. Small files are read
+    and written in one go: two syscalls beat any of the above. ``devs`` names the source
+    and destination filesystems, so that refusals are remembered.
     """
     if size == 0:
         return
-    try:
-        fcntl.ioctl(dst_fd, FICLONE, src_fd)
-        return
-    except OSError:
-        pass
+    if devs not in _no_reflink:
+        try:
+            fcntl.ioctl(dst_fd, FICLONE, src_fd)
+            return
+        except OSError:
+            _no_reflink.add(devs)
+    if size <= SMALL_FILE:
+        data = os.pread(src_fd, size, 0)
+        if len(data) == size:
+            os.pwrite(dst_fd, data, 0)
+            return
     off = 0
     while off < size:
         try:
@@ -56,14 +71,14 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
                 break  # only a hole remains
             raise
         end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
-        _copy_range(src_fd, dst_fd, start, end)
+        _copy_range(src_fd, dst_fd, start, end, devs)
         off = end
     os.ftruncate(dst_fd, size)
 
 
-def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
+def _copy_range(src_fd: int, dst_fd: int, start: int, end: int, devs: tuple[int, int]) -> None:
     pos = start
-    use_cfr = True
+    use_cfr = devs not in _no_copy_range
     while pos < end:
         count = min(end - pos, 1 << 30)
         n = 0
@@ -73,6 +88,7 @@ def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                     raise
+                _no_copy_range.add(devs)
                 use_cfr = False
                 continue
         else:

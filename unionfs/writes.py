@@ -43,6 +43,7 @@ class UnionFS(UnionCore):
     def __init__(self, cfg: MountConfig) -> None:
         super().__init__(cfg)
         self.work_fd = -1
+        self.upper_dev = 0
         self.oci_whiteouts = False
         self._lock_fd = -1
         self._copying: dict[int, trio.Event] = {}
@@ -75,6 +76,7 @@ class UnionFS(UnionCore):
         except OSError as exc:
             raise UnionfsError(f"workdir {workdir!r} is not writable: {exc.strerror}") from None
         self.work_fd = open_dir_at(wfd, copyup.WORK_SUBDIR)
+        self.upper_dev = os.fstat(self.work_fd).st_dev
         cleaned = copyup.clean_workdir(self.work_fd)
         if cleaned:
             log.warning("removed %d leftover(s) of interrupted copy-ups from %s", cleaned, workdir)
@@ -196,12 +198,13 @@ class UnionFS(UnionCore):
                         dir_fd=work_fd,
                     )
                     try:
+                        devs = (st.st_dev, self.upper_dev)
                         if st.st_size >= BIG_COPY:
                             await trio.to_thread.run_sync(
-                                self._copy_file_data, src, dst, st.st_size, limiter=self.limiter
+                                copyup.copy_data, src, dst, st.st_size, devs, limiter=self.limiter
                             )
                         else:
-                            self._copy_file_data(src, dst, st.st_size)
+                            copyup.copy_data(src, dst, st.st_size, devs)
                         self._copy_meta(src, dst, st, node.ino)
                         if self.cfg.fsync:
                             os.fsync(dst)
@@ -255,10 +258,6 @@ class UnionFS(UnionCore):
             # The copy breaks a lower hard link (as in the kernel): the link count the
             # kernel cached at lookup is no longer true.
             await self.attr_changed(node.ino)
-
-    @staticmethod
-    def _copy_file_data(src: int, dst: int, size: int) -> None:
-        copyup.copy_data(src, dst, size)
 
     @staticmethod
     def _chmod_at(dir_fd: int, name: bytes, mode: int) -> None:
