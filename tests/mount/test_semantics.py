@@ -431,3 +431,40 @@ def _no_stray_mounts(tmp_path: Path) -> Iterator[None]:
     for mnt in reversed(stray):
         subprocess.run(["umount", "-l", mnt], check=False)
     assert not stray, f"left mounted: {stray}"
+
+
+def recreate_ops(m: Path) -> None:
+    shutil.rmtree(m / "d")
+    os.mkdir(m / "d")  # opaque: nothing of the old d shows again
+    assert os.listdir(m / "d") == []
+    os.makedirs(m / "n/e")  # n/e existed below with children: both levels recreated empty
+    shutil.rmtree(m / "n")
+    os.makedirs(m / "n/e/g")
+    write(m / "n/e/g/new", "new")
+    shutil.rmtree(m / "n/e")
+    os.mkdir(m / "n/e")
+    os.rename(m / "x", m / "y")  # a file moved over nothing, away from a lower name
+    write(m / "x", "back")  # recreated over the whiteout the rename left
+
+
+def test_delete_and_recreate_regressions(union: Callable[[int], Union]) -> None:
+    def build(u: Union) -> None:
+        write(u.lowers[1] / "d/a", "a")
+        write(u.lowers[0] / "d/b", "b")
+        write(u.lowers[1] / "n/e/f", "f")
+        write(u.lowers[0] / "n/e/h", "h")
+        write(u.lowers[1] / "x", "x")
+
+    a, b = twin(union, build)
+    with a.mount() as m:
+        recreate_ops(Path(m))
+        mine = snapshot(m)
+    assert sorted(mine) == sorted(["d", "n", "n/e", "x", "y"]), (
+        "entries of deleted lower directories reappeared"
+    )
+    with kernel_mount(b.lowers, b.mnt, b.upper, b.work) as k:
+        recreate_ops(Path(k))
+        assert snapshot(k) == mine
+    assert snapshot(a.upper, upper=True) == snapshot(b.upper, upper=True)
+    with a.mount() as m:
+        assert snapshot(m) == mine  # and after a remount
