@@ -437,8 +437,7 @@ def recreate_ops(m: Path) -> None:
     shutil.rmtree(m / "d")
     os.mkdir(m / "d")  # opaque: nothing of the old d shows again
     assert os.listdir(m / "d") == []
-    os.makedirs(m / "n/e")  # n/e existed below with children: both levels recreated empty
-    shutil.rmtree(m / "n")
+    shutil.rmtree(m / "n")  # n/e existed below with children: both levels recreated empty
     os.makedirs(m / "n/e/g")
     write(m / "n/e/g/new", "new")
     shutil.rmtree(m / "n/e")
