@@ -157,6 +157,7 @@ def daemonize_and_serve(cfg: MountConfig, log_file: str | None) -> int:
         try:
             code = serve(cfg, write_fd)
         finally:
+            _drop_empty_log(log_file)
             os._exit(code)
     os.close(write_fd)
     chunks = []
@@ -173,3 +174,13 @@ def daemonize_and_serve(cfg: MountConfig, log_file: str | None) -> int:
     if not message:
         message = "error: the daemon exited before the mount was ready"
     raise UnionfsError(message.removeprefix("error: "))
+
+
+def _drop_empty_log(log_file: str | None) -> None:
+    """Remove the daemon's log when it has nothing to say, so /run does not fill up."""
+    if log_file:
+        try:
+            if os.path.getsize(log_file) == 0:
+                os.unlink(log_file)
+        except OSError:
+            pass
