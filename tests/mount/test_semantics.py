@@ -467,3 +467,19 @@ def test_delete_and_recreate_regressions(union: Callable[[int], Union]) -> None:
     assert snapshot(a.upper, upper=True) == snapshot(b.upper, upper=True)
     with a.mount() as m:
         assert snapshot(m) == mine  # and after a remount
+
+
+def test_auto_unmount_after_the_daemon_dies(union: Callable[[int], Union]) -> None:
+    from unionfs.api import mount
+    from unionfs.mount import read_state
+
+    u = union(1)
+    write(u.lowers[0] / "f", "x")
+    mount([str(u.lowers[0])], str(u.mnt), options=["auto_unmount"])
+    state = read_state(str(u.mnt))
+    assert state is not None and (u.mnt / "f").read_text() == "x"
+    os.kill(state["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while os.path.ismount(u.mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.ismount(u.mnt)
