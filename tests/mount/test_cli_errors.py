@@ -117,3 +117,27 @@ def test_unknown_option_warns_and_mounts(dirs: Path) -> None:
         assert (dirs / "m" / "file").read_text() == "x"
     finally:
         run("umount", str(dirs / "m"))
+
+
+def test_missing_dev_fuse(dirs: Path) -> None:
+    # A private mount namespace whose /dev is an empty tmpfs: no /dev/fuse there.
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs none /dev && exec "$0" -m unionfs -o "$1" "$2"',
+            sys.executable,
+            _opts(dirs),
+            str(dirs / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc
+    assert proc.stderr.strip() == "unionfs: /dev/fuse does not exist (is the fuse module loaded?)"
+    assert os.listdir(dirs / "w") == []
