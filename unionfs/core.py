@@ -240,7 +240,7 @@ class UnionCore:
         live = self.table.nodes.get(node.ino)
         if live is not None and live is not node:
             return None
-        self.stats.count_lookup(node.layers[0])
+        self.stats.lookups_per_layer[node.layers[0]] += 1
         return node
 
     def _note_alias(self, node: Node, parent: Node, name: bytes) -> None:

@@ -162,32 +162,34 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self.fs.dir_handle(fh)
+        fs = self.fs
+        handle = fs.dir_handle(fh)
         node = handle.node
+        reply = pyfuse3.readdir_reply
         if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", self.entry(self.fs.attr(node)), 1):
+            if not reply(token, b".", self.entry_for(node, None), 1):
                 return
             start_id = 1
         if start_id == 1:
-            parent = node.parent or node
-            if not pyfuse3.readdir_reply(token, b"..", self.entry(self.fs.attr(parent)), 2):
+            if not reply(token, b"..", self.entry_for(node.parent or node, None), 2):
                 return
             start_id = 2
         names = handle.names
+        resolve_cached, remember = fs.resolve_cached, fs.table.remember
         for i in range(start_id - 2, len(names)):
             name = names[i]
-            child = self.fs.resolve_cached(node, name)
+            child = resolve_cached(node, name)
             if child is not None:
                 entry = child.fuse_entry
             else:
-                found = self.fs.resolve(node, name)
+                found = fs.resolve(node, name)
                 if found is None:
                     continue
                 child, st = found
-                entry = self.entry_for(child, self.fs.attr_of(child, st))
-            if not pyfuse3.readdir_reply(token, name, entry, i + 3):  # type: ignore[arg-type]
+                entry = self.entry_for(child, fs.attr_of(child, st))
+            if not reply(token, name, entry, i + 3):  # type: ignore[arg-type]
                 return
-            self.fs.table.remember(child)
+            remember(child)
 
     @boundary
     async def releasedir(self, fh: int) -> None:
