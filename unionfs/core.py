@@ -281,9 +281,15 @@ class UnionCore:
         node.parent, node.name = new_parent, new_name
 
     def forget(self, ino: int, count: int) -> None:
+        node = self.table.nodes.get(ino)
         self.table.forget(ino, count)
-        if ino not in self.table.nodes:
+        if node is not None and ino not in self.table.nodes:
             self.aliases.pop(ino, None)
+            if node.is_dir:
+                # The kernel let the directory go: so does its index (and the cached replies
+                # of its children), which keeps memory in step with the kernel's own cache.
+                # It is rebuilt from the layers if the directory is looked up again.
+                node.index = None
 
     def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, Attr | None] | None:
         """Resolve and count one lookup; None for a name that is not there (cacheable).
