@@ -40,20 +40,22 @@ def mount(
     if upper is not None:
         opts += [f"upperdir={_escape(upper)}", f"workdir={_escape(workdir or '')}"]
     opts += list(options)
-    cmd = [sys.executable, "-m", "unionfs", "mount", "-o", ",".join(opts), mountpoint]
-    if log_file:
-        cmd[4:4] = ["--log-file", log_file]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UnionfsError(proc.stderr.strip().removeprefix("unionfs: ") or "mount failed")
+    log = ["--log-file", log_file] if log_file else []
+    _run("mount", *log, "-o", ",".join(opts), mountpoint)
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
     """Unmount and wait for the daemon to finish; a lazy unmount also clears a dead mount."""
-    cmd = [sys.executable, "-m", "unionfs", "umount"] + (["-z"] if lazy else []) + [mountpoint]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    _run("umount", *(["-z"] if lazy else []), mountpoint)
+
+
+def _run(command: str, *args: str) -> None:
+    """Run ``unionfs COMMAND ARGS``; its one-line error becomes a UnionfsError."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "unionfs", command, *args], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        raise UnionfsError(proc.stderr.strip().removeprefix("unionfs: ") or "umount failed")
+        raise UnionfsError(proc.stderr.strip().removeprefix("unionfs: ") or f"{command} failed")
 
 
 @contextlib.contextmanager

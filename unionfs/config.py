@@ -96,44 +96,40 @@ class MountConfig:
         return self.upper is not None and not self.read_only
 
 
-def split_lowerdir(value: str) -> list[str]:
-    r"""Split a ``lowerdir=`` value on ``:``; ``\:`` is a literal colon (and ``\\`` a backslash)."""
+def _split(value: str, sep: str, unescape: bool) -> list[str]:
+    """Split on ``sep``; a backslash escapes the next character (dropped if ``unescape``)."""
     parts: list[str] = []
     current: list[str] = []
     chars = iter(value)
     for ch in chars:
         if ch == "\\":
             nxt = next(chars, "")
-            current.append(nxt)
-        elif ch == ":":
+            current.append(nxt if unescape else ch + nxt)
+        elif ch == sep:
             parts.append("".join(current))
             current = []
         else:
             current.append(ch)
     parts.append("".join(current))
-    # fuse-overlayfs and the kernel accept "::" as a data-only separator; empty parts are dropped.
     return [p for p in parts if p]
 
 
+def _unescape(value: str) -> str:
+    r"""Drop the backslash of each escape (``\,`` kept by :func:`split_options`)."""
+    return "".join(_split(value, "\0", unescape=True))
+
+
+def split_lowerdir(value: str) -> list[str]:
+    r"""Split a ``lowerdir=`` value on ``:``; ``\:`` is a literal colon (and ``\\`` a backslash).
+
+    Empty parts are dropped: the kernel and fuse-overlayfs read ``::`` as a data-only separator.
+    """
+    return _split(value, ":", unescape=True)
+
+
 def split_options(value: str) -> list[str]:
-    r"""Split a ``-o`` string on commas, keeping ``\,`` as a literal comma."""
-    out: list[str] = []
-    current: list[str] = []
-    escaped = False
-    for ch in value:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\":
-            current.append(ch)
-            escaped = True
-        elif ch == ",":
-            out.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    out.append("".join(current))
-    return [o for o in out if o]
+    r"""Split a ``-o`` string on commas, keeping ``\,`` (and every escape) for the option."""
+    return _split(value, ",", unescape=False)
 
 
 def _bool_option(name: str, value: str | None) -> bool:
@@ -154,9 +150,9 @@ def apply_options(cfg: MountConfig, options: list[str]) -> None:
         if name == "lowerdir":
             cfg.lowers = split_lowerdir(value)
         elif name == "upperdir":
-            cfg.upper = value
+            cfg.upper = _unescape(value)
         elif name == "workdir":
-            cfg.workdir = value
+            cfg.workdir = _unescape(value)
         elif name == "timeout":
             try:
                 cfg.timeout = float(value)

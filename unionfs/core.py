@@ -135,16 +135,25 @@ class UnionCore:
             return False
         return True
 
-    def _truncate_at_opaque(self, parent: Node, name: bytes, layers: tuple[int, ...]) -> tuple:
-        """Cut a directory chain after its first opaque layer (the last one is never checked)."""
-        for i, layer in enumerate(layers[:-1]):
-            fd = open_dir_at(self.table.dir_fd(parent, layer), name)
-            try:
+    def _truncate_at_opaque(
+        self, parent: Node, name: bytes, layers: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], dict[int, int]]:
+        """Cut a directory chain after its first opaque layer (the last one is never checked).
+
+        Returns the chain and the directories opened to check it, by layer: the caller hands
+        them to the child's node, so building its index does not open them again.
+        """
+        opened: dict[int, int] = {}
+        try:
+            for i, layer in enumerate(layers[:-1]):
+                fd = opened[layer] = open_dir_at(self.table.dir_fd(parent, layer), name)
                 if self._is_opaque_dir(fd):
-                    return layers[: i + 1]
-            finally:
+                    return layers[: i + 1], opened
+            return layers, opened
+        except BaseException:
+            for fd in opened.values():
                 os.close(fd)
-        return layers
+            raise
 
     def read_origin(self, dir_fd: int, name: bytes) -> int | None:
         raw = whiteout.getxattr_at(dir_fd, name, self.origin_xattr)
@@ -167,20 +176,25 @@ class UnionCore:
         if entry is None:
             return None
         is_dir, layers, checked = entry
+        opened: dict[int, int] = {}
         if not checked:
-            layers = self._truncate_at_opaque(parent, name, layers)
+            layers, opened = self._truncate_at_opaque(parent, name, layers)
             index.set(name, (is_dir, layers, True))
         top = layers[0]
         pfd = self.table.dir_fd(parent, top)
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
+            for fd in opened.values():
+                os.close(fd)
             index.discard(name)
             return None
         origin = None
         if top == UPPER and self.stack.has_upper:
             origin = self.read_origin(pfd, name)
         node = self.node_for(parent, name, is_dir, layers, st, origin)
+        for layer, fd in opened.items():
+            self.table.adopt(node, layer, fd)
         if top != UPPER or not self.stack.has_upper:
             node.immutable = True
             index.known[name] = node

@@ -151,19 +151,26 @@ class NodeTable:
             if fd is not None:
                 self._fd_lru.move_to_end((id(node), layer))
                 return fd
-        parent_fd = self.dir_fd(node.parent, layer)
-        fd = open_dir_at(parent_fd, node.name)
+        fd = open_dir_at(self.dir_fd(node.parent, layer), node.name)
+        self.adopt(node, layer, fd)
+        return fd
+
+    def adopt(self, node: Node, layer: int, fd: int) -> None:
+        """Take ownership of ``fd``, an open directory of ``node`` in ``layer``."""
         if node.fds is None:
             node.fds = {}
+        old = node.fds.get(layer)
+        if old is not None:
+            self._fd_lru.pop((id(node), layer), None)
+            os.close(old)
         node.fds[layer] = fd
         self._fd_lru[(id(node), layer)] = node
         while len(self._fd_lru) > self.max_dir_fds:
-            (_, old_layer), old = self._fd_lru.popitem(last=False)
-            if old.fds is not None:
-                old_fd = old.fds.pop(old_layer, None)
+            (_, old_layer), evicted = self._fd_lru.popitem(last=False)
+            if evicted.fds is not None:
+                old_fd = evicted.fds.pop(old_layer, None)
                 if old_fd is not None:
                     os.close(old_fd)
-        return fd
 
     def drop_dir_fd(self, node: Node, layer: int) -> None:
         """Forget the cached descriptor of ``node`` in ``layer`` (the directory went away)."""

@@ -21,7 +21,7 @@ SYNTHETIC_FSID = 0xFFFF  # numbers handed out when a real one cannot be used
 DIR_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def open_dir_at(dir_fd: int, name: bytes) -> int:
+def open_dir_at(dir_fd: int, name: bytes | str) -> int:
     """Open the directory ``name`` inside ``dir_fd`` for listing, never following a symlink.
 
     ``O_NOATIME`` keeps reads of lower directories from updating their atime; it is only
@@ -48,12 +48,8 @@ class Layer:
     @property
     def root_fd(self) -> int:
         if self._root_fd < 0:
-            fd = os.open(self.path, DIR_OPEN_FLAGS)
-            try:
-                fd2 = open_dir_at(fd, b".")
-            finally:
-                os.close(fd)
-            self._root_fd = fd2
+            # An absolute path ignores dir_fd: one open, with O_NOATIME where allowed.
+            self._root_fd = open_dir_at(-1, self.path)
         return self._root_fd
 
     def close(self) -> None:

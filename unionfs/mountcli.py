@@ -138,8 +138,8 @@ def _wait_exit(pid: int, mountpoint: str, timeout: float = 30.0) -> None:
     while time.monotonic() < deadline:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if mountpoint.encode() not in f.read() and b"unionfs" not in f.read():
-                    return
+                if b"unionfs" not in f.read():
+                    return  # the pid now belongs to another program: ours is gone
         except FileNotFoundError:
             return
         try:

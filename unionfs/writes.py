@@ -316,7 +316,7 @@ class UnionFS(UnionCore):
 
     # -- creating names -----------------------------------------------------------------
 
-    def _prepare_new(self, parent_ino: int, name: bytes) -> tuple[Node, int]:
+    def _prepare_new(self, parent_ino: int, name: bytes) -> Node:
         self._check_writable()
         self._check_name(name)
         parent = self.node(parent_ino)
@@ -324,7 +324,7 @@ class UnionFS(UnionCore):
             raise _err(errno.ENOTDIR)
         if self.index_of(parent).get(name) is not None:
             raise _err(errno.EEXIST)
-        return parent, -1
+        return parent
 
     async def _new_entry(
         self,
@@ -342,7 +342,7 @@ class UnionFS(UnionCore):
         (the new directory is then opaque). Returns the node (lookup counted), its stat and
         the descriptor ``make`` returned.
         """
-        parent, _ = self._prepare_new(parent_ino, name)
+        parent = self._prepare_new(parent_ino, name)
         pfd = self.upper_dir_fd(parent)
         # A directory with no lower layers holds no whiteouts (none is ever needed there),
         # so the probe is skipped; a stray one still surfaces as EEXIST and is handled.
