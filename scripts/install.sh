@@ -10,7 +10,7 @@ APT_PACKAGES=(
     python3 python3-venv python3-dev gcc pkg-config
     fuse3 libfuse3-dev attr
     iproute2 nftables util-linux busybox-static
-    fuse-overlayfs zstd
+    fuse-overlayfs zstd patch
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -27,14 +27,54 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 PIP_LOG=$(mktemp)
-if ! .venv/bin/pip install -q --disable-pip-version-check -e ".[test,bench,zstd]" >"$PIP_LOG" 2>&1; then
-    grep -v "is ignored: it is neither" "$PIP_LOG" >&2
-    rm -f "$PIP_LOG"
-    echo "install.sh: pip install failed" >&2
-    exit 1
+pip_or_die() {
+    if ! .venv/bin/pip --disable-pip-version-check "$@" >"$PIP_LOG" 2>&1; then
+        grep -v "is ignored: it is neither" "$PIP_LOG" >&2
+        rm -f "$PIP_LOG"
+        echo "install.sh: pip $1 failed" >&2
+        exit 1
+    fi
+}
+
+# pyfuse3 with third_party/pyfuse3/opendir-fileinfo.patch, so opendir can turn on the
+# kernel's readdir cache (see third_party/pyfuse3/README.md). The wheel is kept in the
+# cache directory: a fresh clone on the same machine does not compile it again.
+PYFUSE3_VERSION=3.5.0
+PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_LOCAL="$PYFUSE3_VERSION+unionfs.1"
+WHEEL_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/unionfs/wheels"
+PYTAG=$(.venv/bin/python -c "import sys; print('cp%d%d' % sys.version_info[:2])")
+have=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('pyfuse3'))" 2>/dev/null || true)
+if [ "$have" != "$PYFUSE3_LOCAL" ]; then
+    mkdir -p "$WHEEL_CACHE"
+    wheel=$(ls "$WHEEL_CACHE"/pyfuse3-"$PYFUSE3_LOCAL"-"$PYTAG"-*.whl 2>/dev/null | head -n1 || true)
+    if [ -z "$wheel" ]; then
+        echo "building pyfuse3 $PYFUSE3_LOCAL"
+        src=$(mktemp -d)
+        .venv/bin/python - "$src/pyfuse3.tar.gz" "$PYFUSE3_VERSION" "$PYFUSE3_SHA256" <<'PY'
+import hashlib, sys, urllib.request
+out, version, sha = sys.argv[1:]
+url = f"https://files.pythonhosted.org/packages/source/p/pyfuse3/pyfuse3-{version}.tar.gz"
+try:
+    data = urllib.request.urlopen(url, timeout=120).read()
+except OSError as exc:
+    sys.exit(f"install.sh: cannot download {url}: {exc}")
+if hashlib.sha256(data).hexdigest() != sha:
+    sys.exit(f"install.sh: {url} does not have the expected sha256")
+open(out, "wb").write(data)
+PY
+        tar xzf "$src/pyfuse3.tar.gz" -C "$src"
+        patch -s -d "$src/pyfuse3-$PYFUSE3_VERSION" -p1 <third_party/pyfuse3/opendir-fileinfo.patch
+        SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_LOCAL" \
+            pip_or_die wheel -q --no-deps -w "$WHEEL_CACHE" "$src/pyfuse3-$PYFUSE3_VERSION"
+        rm -rf "$src"
+        wheel=$(ls "$WHEEL_CACHE"/pyfuse3-"$PYFUSE3_LOCAL"-"$PYTAG"-*.whl | head -n1)
+    fi
+    pip_or_die install -q --no-deps --force-reinstall "$wheel"
 fi
+pip_or_die install -q -e ".[test,bench,zstd]"
 rm -f "$PIP_LOG"
-.venv/bin/python -c "import pyfuse3, trio, xattr, pyroute2"
+.venv/bin/python -c "import pyfuse3, trio, xattr, pyroute2; pyfuse3.FileInfo(cache_readdir=True)"
 
 # Debian's unionfs-fuse ships /usr/bin/unionfs; /usr/local/bin comes first on root's PATH.
 ln -sf "$ROOT/.venv/bin/unionfs" /usr/local/bin/unionfs

@@ -62,13 +62,17 @@ class FileHandle:
 
 
 class DirHandle:
-    """An open directory: a snapshot of its names, so offsets stay stable while it is read."""
+    """An open directory: a snapshot of its names, so offsets stay stable while it is read.
+
+    The snapshot is taken by the first readdir, not by opendir: when the kernel serves the
+    listing from its readdir cache, the directory is opened and closed without being read.
+    """
 
     __slots__ = ("node", "names")
 
-    def __init__(self, node: Node, names: list[bytes]) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
-        self.names = names
+        self.names: list[bytes] | None = None
 
 
 class UnionCore:
@@ -91,7 +95,8 @@ class UnionCore:
 
     def close(self) -> None:
         for fh in list(self.file_handles.values()):
-            os.close(fh.fd)
+            if fh.fd >= 0:
+                os.close(fh.fd)
         self.file_handles.clear()
         self.table.close()
         self.stack.close()
@@ -365,10 +370,16 @@ class UnionCore:
         node = self.node(ino)
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
-        names = self.index_of(node).names()
         fh = self._new_fh()
-        self.dir_handles[fh] = DirHandle(node, names)
+        self.dir_handles[fh] = DirHandle(node)
         return fh
+
+    def dir_names(self, handle: DirHandle) -> list[bytes]:
+        """The names ``handle`` lists, fixed at its first read."""
+        names = handle.names
+        if names is None:
+            names = handle.names = self.index_of(handle.node).names()
+        return names
 
     def dir_handle(self, fh: int) -> DirHandle:
         handle = self.dir_handles.get(fh)
@@ -413,7 +424,13 @@ class UnionCore:
 
     def open_read(self, ino: int, flags: int) -> int:
         node = self.node(ino)
-        fd = self.open_in_layer(node, node.layer, flags)
+        if node.immutable and not node.is_dir:
+            # A lower file never changes in place, and with FOPEN_KEEP_CACHE a warm file is
+            # read from the page cache without a read request: open the layer file only
+            # when the first read arrives.
+            fd = -1
+        else:
+            fd = self.open_in_layer(node, node.layer, flags)
         fh = self._new_fh()
         self.file_handles[fh] = FileHandle(fd, node, node.layer, flags)
         return fh
@@ -426,20 +443,22 @@ class UnionCore:
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.file_handle(fh)
-        if handle.layer != handle.node.layer and not handle.writable:
-            # Another opener copied the file up: read the copy from now on, like the kernel.
+        if handle.fd < 0 or (handle.layer != handle.node.layer and not handle.writable):
+            # Opened lazily, or another opener copied the file up: read the copy from now
+            # on, like the kernel.
             self._reopen(handle)
         return os.pread(handle.fd, size, off)
 
     def _reopen(self, handle: FileHandle) -> None:
         fd = self.open_in_layer(handle.node, handle.node.layer, handle.flags)
-        os.close(handle.fd)
+        if handle.fd >= 0:
+            os.close(handle.fd)
         handle.fd = fd
         handle.layer = handle.node.layer
 
     def release(self, fh: int) -> None:
         handle = self.file_handles.pop(fh, None)
-        if handle is not None:
+        if handle is not None and handle.fd >= 0:
             os.close(handle.fd)
 
     # -- xattrs and statfs --------------------------------------------------------------

@@ -77,6 +77,8 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.timeout = timeout
         self.debug = debug
+        # Needs pyfuse3 with FileInfo.cache_readdir for opendir (scripts/install.sh builds it).
+        self.cache_dirs = timeout > 0 and hasattr(pyfuse3.FileInfo, "cache_readdir")
         fs.attr_changed = self._invalidate_attrs
 
     async def _invalidate_attrs(self, inode: int) -> None:
@@ -157,8 +159,14 @@ class Operations(pyfuse3.Operations):
         return self.fs.readlink(inode)
 
     @boundary
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return self.fs.opendir(inode)
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
+        fh = self.fs.opendir(inode)
+        if self.cache_dirs:
+            # The kernel keeps the listing (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE) and serves
+            # the next opendir/readdir from it; any change made through the mount bumps the
+            # directory's version, which drops that cache before its next read.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
+        return fh
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -174,7 +182,7 @@ class Operations(pyfuse3.Operations):
             if not reply(token, b"..", self.entry_for(node.parent or node, None), 2):
                 return
             start_id = 2
-        names = handle.names
+        names = fs.dir_names(handle)
         resolve_cached, remember = fs.resolve_cached, fs.table.remember
         for i in range(start_id - 2, len(names)):
             name = names[i]

@@ -302,6 +302,27 @@ def test_copy_up_is_seen_by_earlier_readers_and_done_once(union: Callable[[int],
         assert b'"copy_ups": 1' in stats
 
 
+def test_lower_files_opened_then_removed_still_read(union: Callable[[int], Union]) -> None:
+    # A read-only open of a lower file opens the layer file only at the first read that
+    # reaches the daemon: by then the name may be whited out or replaced.
+    u = union(1)
+    for name in ("gone", "replaced", "shadow"):
+        write(u.lowers[0] / name, f"lower {name}")
+    with u.mount() as m:
+        mp = Path(m)
+        held = {name: os.open(mp / name, os.O_RDONLY) for name in ("gone", "replaced", "shadow")}
+        try:
+            os.unlink(mp / "gone")
+            os.rename(mp / "shadow", mp / "replaced")
+            assert os.pread(held["gone"], 100, 0) == b"lower gone"
+            assert os.pread(held["replaced"], 100, 0) == b"lower replaced"
+            assert os.pread(held["shadow"], 100, 0) == b"lower shadow"
+            assert (mp / "replaced").read_bytes() == b"lower shadow"
+        finally:
+            for fd in held.values():
+                os.close(fd)
+
+
 def test_large_copy_up_does_not_block_others(union: Callable[[int], Union]) -> None:
     u = union(1)
     big = u.lowers[0] / "big"
