@@ -21,6 +21,7 @@ from unionfs.errors import UnionfsError, UsageError
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 86400.0
+DEFAULT_READAHEAD_KB = 1024
 
 # Generic mount options a helper may hand us; accepted silently, they need no action here.
 _PASSIVE_OPTIONS = {
@@ -84,6 +85,9 @@ class MountConfig:
     debug: bool = False
     timeout: float = DEFAULT_TIMEOUT
     fsync: bool = True
+    # Readahead window of the mount, in KiB: the kernel's FUSE default (128) splits a
+    # sequential read into 128 KiB requests, each a round trip to the daemon.
+    readahead_kb: int = DEFAULT_READAHEAD_KB
     read_only: bool = False
     auto_unmount: bool = False
     allow_other: bool = True
@@ -160,6 +164,10 @@ def apply_options(cfg: MountConfig, options: list[str]) -> None:
                 raise UsageError(f"option timeout={value}: expected a number of seconds") from None
             if cfg.timeout < 0:
                 raise UsageError("option timeout must not be negative")
+        elif name == "readahead":
+            if not value.isdigit():
+                raise UsageError(f"option readahead={value}: expected a size in KiB")
+            cfg.readahead_kb = int(value)
         elif name == "fsync":
             cfg.fsync = _bool_option(name, val)
         elif name == "volatile":

@@ -80,6 +80,7 @@ class Operations(pyfuse3.Operations):
         # Needs pyfuse3 with FileInfo.cache_readdir for opendir (scripts/install.sh builds it).
         self.cache_dirs = timeout > 0 and hasattr(pyfuse3.FileInfo, "cache_readdir")
         fs.attr_changed = self._invalidate_attrs
+        self.initialized = trio.Event()
 
     async def _invalidate_attrs(self, inode: int) -> None:
         # A notification writes to /dev/fuse and may wait for the kernel: never on the loop.
@@ -90,6 +91,9 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         log.info("serving %s", self.fs.cfg.mountpoint)
+        # Settings the kernel fixes when it reads the INIT reply (the readahead window) are
+        # applied by a task waiting on this, which runs after that reply has been written.
+        self.initialized.set()
 
     # -- translation --------------------------------------------------------------------
 

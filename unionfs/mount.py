@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import sys
@@ -71,8 +72,12 @@ def _build(cfg: MountConfig) -> Any:
     return fs, Operations(fs, cfg.timeout, debug=cfg.debug)
 
 
-async def _serve_loop() -> None:
+async def _serve_loop(ops: Any, cfg: MountConfig) -> None:
     async with trio.open_nursery() as nursery:
+
+        async def after_init() -> None:
+            await ops.initialized.wait()
+            _set_readahead(cfg)
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
@@ -82,6 +87,7 @@ async def _serve_loop() -> None:
                     return
 
         nursery.start_soon(watch_signals)
+        nursery.start_soon(after_init)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -119,7 +125,7 @@ def serve(cfg: MountConfig, ready_fd: int = -1) -> int:
         log.warning("%s", w)
     _report(ready_fd, "ok")
     try:
-        trio.run(_serve_loop)
+        trio.run(_serve_loop, ops, cfg)
     finally:
         pyfuse3.close(unmount=True)
         fs.close()
@@ -128,6 +134,41 @@ def serve(cfg: MountConfig, ready_fd: int = -1) -> int:
         except OSError:
             pass
     return 0
+
+
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _mount_device(mountpoint: str) -> str | None:
+    """``major:minor`` of the newest unionfs mount on ``mountpoint``, from mountinfo.
+
+    Read from /proc rather than by stat(2): stat of the mountpoint would be a request to
+    this daemon, which is not serving yet.
+    """
+    want = os.fsencode(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index(b"-")
+            where = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
+            if where == want and fields[sep + 1] == b"fuse.unionfs":
+                found = fields[2].decode()
+    return found
+
+
+def _set_readahead(cfg: MountConfig) -> None:
+    """Widen the mount's readahead window, so a sequential read takes fewer requests."""
+    if not cfg.readahead_kb:
+        return
+    try:
+        dev = _mount_device(cfg.mountpoint)
+        if dev is None:
+            raise OSError("mount not found in /proc/self/mountinfo")
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(f"{cfg.readahead_kb}\n")
+    except (OSError, ValueError) as exc:
+        log.warning("cannot set readahead=%d: %s", cfg.readahead_kb, exc)
 
 
 def _report(fd: int, message: str) -> None:

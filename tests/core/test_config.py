@@ -31,6 +31,16 @@ def test_fsync_and_timeout_options() -> None:
         config.apply_options(cfg, ["timeout=abc"])
 
 
+def test_readahead_option() -> None:
+    cfg = config.MountConfig(lowers=[], mountpoint="/m")
+    assert cfg.readahead_kb == config.DEFAULT_READAHEAD_KB
+    config.apply_options(cfg, ["readahead=0"])
+    assert cfg.readahead_kb == 0
+    for bad in ("readahead=-1", "readahead=1M", "readahead"):
+        with pytest.raises(UsageError, match="expected a size in KiB"):
+            config.apply_options(cfg, [bad])
+
+
 def _cfg(tmp: Path, lowers: list[str], upper: str | None = None, work: str | None = None):
     mnt = tmp / "mnt"
     mnt.mkdir(exist_ok=True)

@@ -302,6 +302,26 @@ def test_copy_up_is_seen_by_earlier_readers_and_done_once(union: Callable[[int],
         assert b'"copy_ups": 1' in stats
 
 
+def _read_ahead_kb(mnt: str | Path) -> int:
+    dev = os.stat(mnt).st_dev
+    with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+        return int(f.read())
+
+
+def test_readahead_window(union: Callable[[int], Union]) -> None:
+    u = union(1)
+    with u.mount() as m:
+        assert _read_ahead_kb(m) == 1024
+    # A path with a space is escaped in mountinfo, where the daemon finds its device.
+    u.mnt = u.root / "mount point"
+    u.mnt.mkdir()
+    with u.mount("readahead=4096") as m:
+        assert _read_ahead_kb(m) == 4096
+    with u.mount("readahead=0") as m:
+        assert _read_ahead_kb(m) == 128  # the kernel's default, left alone
+    assert "cannot set readahead" not in u.log()
+
+
 def test_lower_files_opened_then_removed_still_read(union: Callable[[int], Union]) -> None:
     # A read-only open of a lower file opens the layer file only at the first read that
     # reaches the daemon: by then the name may be whited out or replaced.
