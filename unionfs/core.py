@@ -399,6 +399,10 @@ class UnionCore:
         before it is opened for I/O through ``/proc/self/fd``: a device, fifo or symlink in a
         layer is never opened.
         """
+        return self.open_in_layer_stat(node, layer, flags)[0]
+
+    def open_in_layer_stat(self, node: Node, layer: int, flags: int) -> tuple[int, os.stat_result]:
+        """:meth:`open_in_layer`, also returning the stat of the file that was opened."""
         if node.parent is None:
             raise _err(errno.EISDIR)
         pfd = self.parent_fd(node, layer)
@@ -416,9 +420,9 @@ class UnionCore:
             if layer != UPPER or not self.stack.has_upper:
                 io_flags |= os.O_NOATIME
             try:
-                return os.open(f"/proc/self/fd/{path_fd}", io_flags)
+                return os.open(f"/proc/self/fd/{path_fd}", io_flags), st
             except PermissionError:
-                return os.open(f"/proc/self/fd/{path_fd}", io_flags & ~os.O_NOATIME)
+                return os.open(f"/proc/self/fd/{path_fd}", io_flags & ~os.O_NOATIME), st
         finally:
             os.close(path_fd)
 

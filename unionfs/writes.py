@@ -14,6 +14,7 @@ by building it in ``work/`` and renaming it into place, so does this module:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -37,6 +38,26 @@ log = logging.getLogger(__name__)
 BIG_COPY = 1 << 20  # copy-ups at least this large run in a worker thread
 
 
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """What the request that triggers a file's copy-up will change right after it.
+
+    The copy is built with these values in place of the lower file's, so a chmod, utimes
+    or truncate of a lower file costs one copy, not a copy and then a change (and an
+    ``O_TRUNC`` open copies no data at all). The result is the same as the kernel's copy-up
+    followed by the change.
+    """
+
+    mode: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    size: int | None = None
+
+
+_NO_CHANGE = Change()
+_TRUNCATE = Change(size=0)
+
+
 class UnionFS(UnionCore):
     """The whole filesystem: :class:`UnionCore` plus every operation that writes."""
 
@@ -47,6 +68,8 @@ class UnionFS(UnionCore):
         self.oci_whiteouts = False
         self._lock_fd = -1
         self._copying: dict[int, trio.Event] = {}
+        # Owner and group of a file created in work/: a copy with them needs no chown.
+        self.euid, self.egid = os.geteuid(), os.getegid()
         # Set by the adapter: drops the kernel's cached attributes of an inode.
         self.attr_changed: Callable[[int], Awaitable[None]] | None = None
         self.limiter = trio.CapacityLimiter(4)
@@ -76,6 +99,9 @@ class UnionFS(UnionCore):
         except OSError as exc:
             raise UnionfsError(f"workdir {workdir!r} is not writable: {exc.strerror}") from None
         self.work_fd = open_dir_at(wfd, copyup.WORK_SUBDIR)
+        work_st = os.fstat(self.work_fd)
+        if work_st.st_mode & stat.S_ISGID:  # new files take the directory's group
+            self.egid = work_st.st_gid
         self.upper_dev = os.fstat(self.work_fd).st_dev
         cleaned = copyup.clean_workdir(self.work_fd)
         if cleaned:
@@ -120,7 +146,7 @@ class UnionFS(UnionCore):
         try:
             tmp_fd = open_dir_at(self.work_fd, tmp)
             try:
-                self._copy_meta(lower_fd, tmp_fd, st, node.ino)
+                self._copy_meta(lower_fd, tmp_fd, st, node.ino, _NO_CHANGE)
             finally:
                 os.close(tmp_fd)
             parent_times = os.fstat(parent_fd)
@@ -136,13 +162,20 @@ class UnionFS(UnionCore):
         self.stats.event("copy-up", path=node.path().decode(errors="replace"), size=0, type="dir")
         return self.table.dir_fd(node, UPPER)
 
-    def _copy_meta(self, src: int, dst: int, st: os.stat_result, ino: int) -> None:
+    def _copy_meta(self, src: int, dst: int, st: os.stat_result, ino: int, change: Change) -> None:
         """Owner, mode, xattrs, origin and times from ``src`` to ``dst`` (both open fds)."""
-        os.fchown(dst, st.st_uid, st.st_gid)
-        os.fchmod(dst, stat.S_IMODE(st.st_mode))
+        if st.st_uid != self.euid or st.st_gid != self.egid:  # else created with them
+            os.fchown(dst, st.st_uid, st.st_gid)
+        os.fchmod(dst, stat.S_IMODE(st.st_mode if change.mode is None else change.mode))
         copyup.copy_xattrs(src, dst)
         copyup.set_origin(dst, self.origin_xattr, ino)
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.utime(
+            dst,
+            ns=(
+                st.st_atime_ns if change.atime_ns is None else change.atime_ns,
+                st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns,
+            ),
+        )
 
     @staticmethod
     def _restore_times(fd: int, st: os.stat_result) -> None:
@@ -152,44 +185,52 @@ class UnionFS(UnionCore):
         except OSError:
             pass
 
-    async def copy_up(self, node: Node) -> None:
+    async def copy_up(self, node: Node, change: Change | None = None) -> bool:
         """Make ``node`` an upper object (no-op if it is one). Parents are copied first.
 
         Two requests copying the same object wait for one copy. A large file's data is
-        copied in a worker thread, so other requests keep being served meanwhile.
+        copied in a worker thread, so other requests keep being served meanwhile. With a
+        ``change``, a regular file is copied with it applied; returns True when that
+        happened (else the caller applies the change itself).
         """
         self._check_writable()
         while True:
             if node.layers[0] == UPPER:
-                return
+                return False
             pending = self._copying.get(node.ino)
             if pending is None:
                 break
             await pending.wait()
         if node.is_dir:
             self.upper_dir_fd(node)
-            return
+            return False
         done = trio.Event()
         self._copying[node.ino] = done
         try:
-            await self._copy_up_file(node)
+            applied = await self._copy_up_file(node, change or _NO_CHANGE)
+            return applied and change is not None
         finally:
             del self._copying[node.ino]
             done.set()
 
-    async def _copy_up_file(self, node: Node) -> None:
+    async def _copy_up_file(self, node: Node, change: Change) -> bool:
         started = time.monotonic()
         assert node.parent is not None
         parent = node.parent
         parent_fd = self.upper_dir_fd(parent)
         layer = node.layer
         lower_pfd = self.table.dir_fd(parent, layer)
-        st = os.stat(node.name, dir_fd=lower_pfd, follow_symlinks=False)
+        try:
+            src, st = self.open_in_layer_stat(node, layer, os.O_RDONLY)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            src = -1  # not a regular file
+            st = os.stat(node.name, dir_fd=lower_pfd, follow_symlinks=False)
         tmp = copyup.temp_name()
         work_fd = self.work_fd
         try:
-            if stat.S_ISREG(st.st_mode):
-                src = self.open_in_layer(node, layer, os.O_RDONLY)
+            if src >= 0:
                 try:
                     dst = os.open(
                         tmp,
@@ -199,13 +240,20 @@ class UnionFS(UnionCore):
                     )
                     try:
                         devs = (st.st_dev, self.upper_dev)
-                        if st.st_size >= BIG_COPY:
+                        size = st.st_size
+                        if change.size is not None:
+                            size = min(size, change.size)
+                        if size >= BIG_COPY:
                             await trio.to_thread.run_sync(
-                                copyup.copy_data, src, dst, st.st_size, devs, limiter=self.limiter
+                                copyup.copy_data, src, dst, size, devs, limiter=self.limiter
                             )
                         else:
-                            copyup.copy_data(src, dst, st.st_size, devs)
-                        self._copy_meta(src, dst, st, node.ino)
+                            copyup.copy_data(src, dst, size, devs)
+                        if change.size is not None and change.size != size:
+                            os.ftruncate(dst, change.size)
+                        copied = size
+                        applied = True
+                        self._copy_meta(src, dst, st, node.ino, change)
                         if self.cfg.fsync:
                             os.fsync(dst)
                     finally:
@@ -213,6 +261,8 @@ class UnionFS(UnionCore):
                 finally:
                     os.close(src)
             else:
+                copied = 0
+                applied = False
                 if stat.S_ISLNK(st.st_mode):
                     target = os.readlink(node.name, dir_fd=lower_pfd)
                     os.symlink(target, tmp, dir_fd=work_fd)
@@ -245,12 +295,12 @@ class UnionFS(UnionCore):
         self._index_set(parent, node.name, False, node.layers)
         elapsed = time.monotonic() - started
         self.stats.copy_ups += 1
-        self.stats.copy_up_bytes += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        self.stats.copy_up_bytes += copied
         self.stats.copy_up_seconds += elapsed
         self.stats.event(
             "copy-up",
             path=node.path().decode(errors="replace"),
-            size=st.st_size,
+            size=copied,
             source_layer=layer,
             seconds=round(elapsed, 6),
         )
@@ -258,6 +308,7 @@ class UnionFS(UnionCore):
             # The copy breaks a lower hard link (as in the kernel): the link count the
             # kernel cached at lookup is no longer true.
             await self.attr_changed(node.ino)
+        return applied
 
     @staticmethod
     def _chmod_at(dir_fd: int, name: bytes, mode: int) -> None:
@@ -498,9 +549,10 @@ class UnionFS(UnionCore):
         if not wants_write:
             return self.open_read(ino, flags)
         self._check_writable()
-        await self.copy_up(node)
+        truncate = bool(flags & os.O_TRUNC)
+        await self.copy_up(node, _TRUNCATE if truncate else None)
         fd = self.open_in_layer(node, UPPER, flags & ~os.O_APPEND)
-        if flags & os.O_TRUNC:
+        if truncate:
             os.ftruncate(fd, 0)
         fh = self._new_fh()
         self.file_handles[fh] = FileHandle(fd, node, UPPER, flags)
@@ -541,7 +593,15 @@ class UnionFS(UnionCore):
     ) -> Attr:
         node = self.node(ino)
         self._check_writable()
-        await self.copy_up(node)
+        # Fold the change into the copy-up, except a chown (after which the kernel clears
+        # set-id bits the copy would have restored) and a truncate that leaves mtime alone
+        # (ftruncate sets it to now; the copy keeps the lower file's).
+        if node.layers[0] != UPPER:
+            change = None
+            if uid is None and gid is None and (size is None or mtime_ns is not None):
+                change = Change(mode=mode, atime_ns=atime_ns, mtime_ns=mtime_ns, size=size)
+            if await self.copy_up(node, change):
+                return self.attr(node)
         if node.parent is None:
             target: bytes | int = self.stack[UPPER].root_fd
             pfd, name = -1, b""
