@@ -23,9 +23,9 @@ import stat
 import struct
 from dataclasses import dataclass
 
-from unionfs import whiteout
+from unionfs import parallel, whiteout
 from unionfs.config import MountConfig
-from unionfs.dirindex import DirIndex, build_index
+from unionfs.dirindex import DirIndex, Listing, build_index, check_opaque
 from unionfs.inodes import ROOT_INO, Node, NodeTable
 from unionfs.layers import LayerStack, open_dir_at
 from unionfs.stats import Stats
@@ -33,6 +33,11 @@ from unionfs.stats import Stats
 log = logging.getLogger(__name__)
 
 UPPER = 0
+
+
+# A directory chain cut at its first opaque layer, the directories opened to check it and
+# the lower listings read on the way (see UnionCore._truncate_at_opaque).
+Chain = tuple[tuple[int, ...], dict[int, int], dict[int, Listing]]
 
 
 def _err(code: int) -> OSError:
@@ -81,7 +86,9 @@ class UnionCore:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
         self.stack = LayerStack(cfg.lowers, cfg.upper)
-        self.table = NodeTable(self.stack)
+        # Room for two directories' descriptors in every layer, so building one index
+        # never evicts a descriptor it is about to read.
+        self.table = NodeTable(self.stack, max(4096, 2 * len(self.stack) + 64))
         self.stats = Stats(len(self.stack))
         self.writable = cfg.writable
         self.origin_xattr = whiteout.ORIGIN_XATTRS[1 if cfg.userxattr else 0]
@@ -126,8 +133,9 @@ class UnionCore:
             if not node.is_dir:
                 raise _err(errno.ENOTDIR)
             layer_fds = [(layer, self.table.dir_fd(node, layer)) for layer in node.layers]
-            index = build_index(layer_fds)
+            index = build_index(layer_fds, node.listings)
             node.index = index
+            node.listings = None
             self.stats.dirs_indexed += 1
         return index
 
@@ -140,25 +148,89 @@ class UnionCore:
             return False
         return True
 
-    def _truncate_at_opaque(
-        self, parent: Node, name: bytes, layers: tuple[int, ...]
-    ) -> tuple[tuple[int, ...], dict[int, int]]:
+    def _probe_dir(self, layer: int, fd: int) -> tuple[bool, Listing | None]:
+        """Whether ``fd`` (a directory in ``layer``) is opaque, with its listing if read.
+
+        Lower listings are kept for the directory's index (lowers never change); the upper
+        copy is only probed for the OCI marker, as it can change before the index is built.
+        """
+        if layer == UPPER and self.stack.has_upper:
+            return self._is_opaque_dir(fd), None
+        return check_opaque(fd)
+
+    def _truncate_at_opaque(self, parent: Node, name: bytes, layers: tuple[int, ...]) -> Chain:
         """Cut a directory chain after its first opaque layer (the last one is never checked).
 
-        Returns the chain and the directories opened to check it, by layer: the caller hands
-        them to the child's node, so building its index does not open them again.
+        Returns the chain, the directories opened to check it and the listings read, by
+        layer: the caller hands them to the child's node, so building its index neither
+        opens nor reads them again.
         """
+        if len(layers) > parallel.MIN_ITEMS:
+            return self._truncate_at_opaque_parallel(parent, name, layers)
         opened: dict[int, int] = {}
+        listings: dict[int, Listing] = {}
         try:
             for i, layer in enumerate(layers[:-1]):
                 fd = opened[layer] = open_dir_at(self.table.dir_fd(parent, layer), name)
-                if self._is_opaque_dir(fd):
-                    return layers[: i + 1], opened
-            return layers, opened
+                opaque, listing = self._probe_dir(layer, fd)
+                if listing is not None:
+                    listings[layer] = listing
+                if opaque:
+                    return layers[: i + 1], opened, listings
+            return layers, opened, listings
         except BaseException:
             for fd in opened.values():
                 os.close(fd)
             raise
+
+    def _truncate_at_opaque_parallel(
+        self, parent: Node, name: bytes, layers: tuple[int, ...]
+    ) -> Chain:
+        """:meth:`_truncate_at_opaque` for deep chains: every layer's directory is opened
+        and checked at once (see :mod:`unionfs.parallel`), and those below the first opaque
+        one are closed again."""
+        probes = [(layer, self.table.dir_fd(parent, layer)) for layer in layers[:-1]]
+
+        def probe(item: tuple[int, int]) -> tuple[int, bool, Listing | None] | OSError:
+            layer, parent_fd = item
+            try:
+                fd = open_dir_at(parent_fd, name)
+            except OSError as exc:
+                return exc
+            try:
+                return (fd, *self._probe_dir(layer, fd))
+            except OSError as exc:
+                os.close(fd)
+                return exc
+
+        results = parallel.map_layers(probe, probes)
+        # The outcome the serial walk would have had: the chain stops at the first opaque
+        # layer, and an error in a layer above that one is raised.
+        keep = len(layers)
+        failure: OSError | None = None
+        for i, result in enumerate(results):
+            if i >= keep:
+                break
+            if isinstance(result, OSError):
+                failure = result
+                break
+            if result[1]:
+                keep = i + 1
+        opened: dict[int, int] = {}
+        listings: dict[int, Listing] = {}
+        for i, (layer, result) in enumerate(zip(layers, results, strict=False)):
+            if isinstance(result, OSError):
+                continue
+            fd, _, listing = result
+            if failure is None and i < keep:
+                opened[layer] = fd
+                if listing is not None:
+                    listings[layer] = listing
+            else:
+                os.close(fd)
+        if failure is not None:
+            raise failure
+        return layers[:keep], opened, listings
 
     def read_origin(self, dir_fd: int, name: bytes) -> int | None:
         raw = whiteout.getxattr_at(dir_fd, name, self.origin_xattr)
@@ -182,8 +254,9 @@ class UnionCore:
             return None
         is_dir, layers, checked = entry
         opened: dict[int, int] = {}
+        listings: dict[int, Listing] = {}
         if not checked:
-            layers, opened = self._truncate_at_opaque(parent, name, layers)
+            layers, opened, listings = self._truncate_at_opaque(parent, name, layers)
             index.set(name, (is_dir, layers, True))
         top = layers[0]
         pfd = self.table.dir_fd(parent, top)
@@ -200,6 +273,8 @@ class UnionCore:
         node = self.node_for(parent, name, is_dir, layers, st, origin)
         for layer, fd in opened.items():
             self.table.adopt(node, layer, fd)
+        if listings and node.index is None:
+            node.listings = listings
         if top != UPPER or not self.stack.has_upper:
             node.immutable = True
             index.known[name] = node
@@ -234,6 +309,7 @@ class UnionCore:
         else:
             if node.is_dir and node.layers != layers:
                 node.index = None
+                node.listings = None
             node.parent, node.name, node.layers = parent, name, layers
         if not is_dir and st.st_nlink > 1:
             self._note_alias(node, parent, name)
@@ -309,6 +385,7 @@ class UnionCore:
                 # of its children), which keeps memory in step with the kernel's own cache.
                 # It is rebuilt from the layers if the directory is looked up again.
                 node.index = None
+                node.listings = None
 
     def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, Attr | None] | None:
         """Resolve and count one lookup; None for a name that is not there (cacheable).

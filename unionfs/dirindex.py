@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from unionfs import whiteout
+from unionfs.parallel import map_layers
 
 # An entry: (is_dir, layers top-down, checked). ``checked`` is False for a directory whose
 # chain has not yet been truncated at its first opaque layer (see module docstring).
@@ -58,17 +59,25 @@ class DirIndex:
         return len(self.entries)
 
 
-def scan_layer_dir(fd: int) -> Iterator[tuple[bytes, bool, bool]]:
+Listing = list[tuple[bytes, bool, bool]]
+
+
+def scan_layer_dir(
+    fd: int, opaque: bytes | None | bool = False
+) -> Iterator[tuple[bytes, bool, bool]]:
     """Yield ``(name, is_dir, is_whiteout_or_marker)`` for the directory open as ``fd``.
 
     Whiteouts in every form are reported as ``(hidden_name, False, True)``; an OCI opaque
     marker is reported as ``(OCI_OPAQUE_NAME, False, True)``; other ``.wh.`` names are
-    dropped. ``fd`` is duplicated because ``os.scandir`` closes the descriptor it is given.
+    dropped. ``opaque`` is the directory's ``overlay.opaque`` value if the caller has read
+    it already. ``os.scandir`` reads ``fd`` through a duplicate of its own (which shares the
+    offset: hence the rewind) and leaves ``fd`` open.
     """
-    xwhiteouts = whiteout.opaque_value(fd) == whiteout.OPAQUE_XWHITEOUTS
-    dup = os.dup(fd)
-    os.lseek(dup, 0, os.SEEK_SET)
-    with os.scandir(dup) as it:
+    if opaque is False:
+        opaque = whiteout.opaque_value(fd)
+    xwhiteouts = opaque == whiteout.OPAQUE_XWHITEOUTS
+    os.lseek(fd, 0, os.SEEK_SET)
+    with os.scandir(fd) as it:
         for entry in it:
             name = os.fsencode(entry.name)
             if name.startswith(whiteout.OCI_WHITEOUT_PREFIX):
@@ -129,17 +138,44 @@ def classify_at(dir_fd: int, name: bytes, detail: bool = False) -> str | None:
     return "whiteout (.wh.)" if detail else "whiteout"
 
 
-def build_index(layer_fds: list[tuple[int, int]]) -> DirIndex:
+def _listing(fd: int) -> Listing:
+    return list(scan_layer_dir(fd))
+
+
+def check_opaque(fd: int) -> tuple[bool, Listing | None]:
+    """Whether the layer directory open as ``fd`` is opaque, and its listing if read.
+
+    The ``overlay.opaque`` xattr answers without reading the directory. Otherwise the
+    directory is listed to look for an OCI ``.wh..wh..opq`` marker: that costs no more than
+    probing the marker's name (after the caches are dropped, a negative lookup reads the
+    directory too), and the listing serves the directory's index.
+    """
+    value = whiteout.opaque_value(fd)
+    if value == whiteout.OPAQUE_YES:
+        return True, None
+    listing = list(scan_layer_dir(fd, value))
+    opaque = any(marker and name == whiteout.OCI_OPAQUE_NAME for name, _, marker in listing)
+    return opaque, listing
+
+
+def build_index(
+    layer_fds: list[tuple[int, int]], listings: dict[int, Listing] | None = None
+) -> DirIndex:
     """Merge the listings of one directory's layers (``(layer, fd)`` pairs, top-down).
 
-    The caller passes the directory's layers already truncated at its first opaque one.
+    The caller passes the directory's layers already truncated at its first opaque one, and
+    any layer listings it already has.
     """
     entries: dict[bytes, Entry] = {}
     closed: set[bytes] = set()  # names whose chain can take no more layers
     hidden: set[bytes] = set()  # names whited out above the layer being read
-    for layer, fd in layer_fds:
+    known = listings or {}
+    missing = [fd for layer, fd in layer_fds if layer not in known]
+    read = iter(map_layers(_listing, missing))
+    for layer, _ in layer_fds:
+        listing = known[layer] if layer in known else next(read)
         layer_whiteouts: list[bytes] = []
-        for name, is_dir, is_marker in scan_layer_dir(fd):
+        for name, is_dir, is_marker in listing:
             if is_marker:
                 if name != whiteout.OCI_OPAQUE_NAME:
                     layer_whiteouts.append(name)

@@ -39,6 +39,7 @@ class Node:
         "layers",
         "index",
         "fds",
+        "listings",
         "removed",
         "generation",
         "immutable",
@@ -62,6 +63,9 @@ class Node:
         self.layers = layers
         self.index: DirIndex | None = None
         self.fds: dict[int, int] | None = None
+        # Listings of this directory's lower layers, read when its chain was checked for an
+        # opaque layer; the index build takes them instead of reading those layers again.
+        self.listings: dict[int, list[tuple[bytes, bool, bool]]] | None = None
         self.removed = False
         self.generation = 0
         # An object served from a lower layer never changes (lowers are read-only): the

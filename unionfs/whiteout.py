@@ -129,12 +129,26 @@ def fd_getxattr(fd: int, attr: bytes) -> bytes | None:
         raise
 
 
+_OPAQUE_XATTR_NAMES = tuple(os.fsdecode(a) for a in OPAQUE_XATTRS)
+
+
 def opaque_value(dir_fd: int) -> bytes | None:
-    """The ``overlay.opaque`` value of the directory open as ``dir_fd`` (trusted first)."""
-    for attr in OPAQUE_XATTRS:
-        value = fd_getxattr(dir_fd, attr)
-        if value is not None:
-            return value
+    """The ``overlay.opaque`` value of the directory open as ``dir_fd`` (trusted first).
+
+    Most directories have no such xattr: one listxattr says so, where a getxattr of each
+    name would fail twice (and a failed call costs Python an exception).
+    """
+    try:
+        names = os.listxattr(dir_fd)
+    except OSError as exc:
+        if _quiet(exc):
+            return None
+        raise
+    for attr, name in zip(OPAQUE_XATTRS, _OPAQUE_XATTR_NAMES, strict=True):
+        if name in names:
+            value = fd_getxattr(dir_fd, attr)
+            if value is not None:
+                return value
     return None
 
 

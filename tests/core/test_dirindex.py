@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from unionfs.dirindex import build_index
+from unionfs.dirindex import build_index, scan_layer_dir
 from unionfs.layers import DIR_OPEN_FLAGS
 
 
@@ -70,3 +70,18 @@ def test_hard_linked_whiteouts_and_xattr_whiteouts(tmp_path: Path) -> None:
     idx = _index(a, b)
     assert idx.get(b"xw") is None
     assert idx.get(b"w1") is None and idx.get(b"w2") is None
+
+
+def test_listing_a_directory_leaves_no_descriptor_behind(tmp_path: Path) -> None:
+    # os.scandir(fd) reads through a duplicate of its own: an extra dup here leaked one
+    # descriptor per directory indexed, until the daemon ran out.
+    for i in range(3):
+        (tmp_path / f"f{i}").write_text("x")
+    fd = os.open(tmp_path, DIR_OPEN_FLAGS)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            assert sorted(n for n, _, _ in scan_layer_dir(fd)) == [b"f0", b"f1", b"f2"]
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(fd)
