@@ -51,19 +51,25 @@ if [ "$have" != "$PYFUSE3_LOCAL" ]; then
     if [ -z "$wheel" ]; then
         echo "building pyfuse3 $PYFUSE3_LOCAL"
         src=$(mktemp -d)
-        .venv/bin/python - "$src/pyfuse3.tar.gz" "$PYFUSE3_VERSION" "$PYFUSE3_SHA256" <<'PY'
-import hashlib, sys, urllib.request
-out, version, sha = sys.argv[1:]
+        sdist="$src/pyfuse3-$PYFUSE3_VERSION.tar.gz"
+        if ! .venv/bin/python - "$sdist" "$PYFUSE3_VERSION" <<'PY'; then
+import sys, urllib.request
+out, version = sys.argv[1:]
 url = f"https://files.pythonhosted.org/packages/source/p/pyfuse3/pyfuse3-{version}.tar.gz"
 try:
     data = urllib.request.urlopen(url, timeout=120).read()
 except OSError as exc:
-    sys.exit(f"install.sh: cannot download {url}: {exc}")
-if hashlib.sha256(data).hexdigest() != sha:
-    sys.exit(f"install.sh: {url} does not have the expected sha256")
+    sys.exit(f"install.sh: cannot download {url} ({exc}); asking pip instead")
 open(out, "wb").write(data)
 PY
-        tar xzf "$src/pyfuse3.tar.gz" -C "$src"
+            # pip's own index settings (a mirror, a proxy) may reach what urllib could not.
+            pip_or_die download -q --no-deps --no-binary :all: -d "$src" "pyfuse3==$PYFUSE3_VERSION"
+        fi
+        if ! echo "$PYFUSE3_SHA256  $sdist" | sha256sum --check --status; then
+            echo "install.sh: $sdist does not have the expected sha256" >&2
+            exit 1
+        fi
+        tar xzf "$sdist" -C "$src"
         patch -s -d "$src/pyfuse3-$PYFUSE3_VERSION" -p1 <third_party/pyfuse3/opendir-fileinfo.patch
         SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_LOCAL" \
             pip_or_die wheel -q --no-deps -w "$WHEEL_CACHE" "$src/pyfuse3-$PYFUSE3_VERSION"
