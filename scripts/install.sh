@@ -41,6 +41,7 @@ pip_or_die() {
 # cache directory: a fresh clone on the same machine does not compile it again.
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_URL=https://files.pythonhosted.org/packages/b9/a9/ce2c0513e9611ee2ffeeb482a33d23a210326801d48866df30a989562d43/pyfuse3-$PYFUSE3_VERSION.tar.gz
 PYFUSE3_LOCAL="$PYFUSE3_VERSION+unionfs.1"
 WHEEL_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/unionfs/wheels"
 PYTAG=$(.venv/bin/python -c "import sys; print('cp%d%d' % sys.version_info[:2])")
@@ -52,10 +53,9 @@ if [ "$have" != "$PYFUSE3_LOCAL" ]; then
         echo "building pyfuse3 $PYFUSE3_LOCAL"
         src=$(mktemp -d)
         sdist="$src/pyfuse3-$PYFUSE3_VERSION.tar.gz"
-        if ! .venv/bin/python - "$sdist" "$PYFUSE3_VERSION" <<'PY'; then
+        if ! .venv/bin/python - "$sdist" "$PYFUSE3_URL" <<'PY'; then
 import sys, urllib.request
-out, version = sys.argv[1:]
-url = f"https://files.pythonhosted.org/packages/source/p/pyfuse3/pyfuse3-{version}.tar.gz"
+out, url = sys.argv[1:]
 try:
     data = urllib.request.urlopen(url, timeout=120).read()
 except OSError as exc:
