@@ -794,6 +794,10 @@ class UnionFS(UnionCore):
             and dst.is_dir
             and (len(self.index_of(dst)) or self._lower_xwhiteouts(dst))
         ):
+            if src.is_dir and dst.layers == (UPPER,) and new_parent.layers != (UPPER,):
+                # The kernel checks a pure-upper destination only in rename(2) itself, after
+                # it has marked the moved directory opaque; the mark stays. So here too.
+                self._make_opaque(src)
             raise _err(errno.ENOTEMPTY)
         # An empty merged or lower destination directory is simply replaced: the moved
         # directory is made opaque below, so nothing of the old one shows through.
@@ -807,9 +811,7 @@ class UnionFS(UnionCore):
         if src.is_dir and new_parent.layers != (UPPER,):
             # Like the kernel: a directory moved into a merged parent is made opaque, so no
             # lower directory of the new name can ever merge into it.
-            sfd = self.table.dir_fd(src, UPPER)
-            if whiteout.opaque_value(sfd) != whiteout.OPAQUE_YES:
-                whiteout.mark_opaque(sfd, self.opaque_xattr)
+            self._make_opaque(src)
         if new_hidden == "oci":
             os.unlink(whiteout.OCI_WHITEOUT_PREFIX + new_name, dir_fd=new_pfd)
             new_hidden = None
@@ -835,6 +837,12 @@ class UnionFS(UnionCore):
             dst_st = dst_found[1]
             self.drop_alias(dst, new_parent, new_name, (dst_st.st_dev, dst_st.st_ino))
         self.move_alias(src, old_parent, old_name, new_parent, new_name)
+
+    def _make_opaque(self, node: Node) -> None:
+        """Mark ``node``'s upper directory opaque, unless it already is."""
+        fd = self.table.dir_fd(node, UPPER)
+        if whiteout.opaque_value(fd) != whiteout.OPAQUE_YES:
+            whiteout.mark_opaque(fd, self.opaque_xattr)
 
     def _replace(
         self, old_pfd: int, old_name: bytes, new_pfd: int, new_name: bytes, dst: Node | None
@@ -887,9 +895,7 @@ class UnionFS(UnionCore):
         new_pfd = self.upper_dir_fd(new_parent)
         for node, into in ((src, new_parent), (dst, old_parent)):
             if node.is_dir and into.layers != (UPPER,):
-                sfd = self.table.dir_fd(node, UPPER)
-                if whiteout.opaque_value(sfd) != whiteout.OPAQUE_YES:
-                    whiteout.mark_opaque(sfd, self.opaque_xattr)
+                self._make_opaque(node)
         renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
         self._index_set(old_parent, old_name, dst.is_dir, (UPPER,))
         self._index_set(new_parent, new_name, src.is_dir, (UPPER,))

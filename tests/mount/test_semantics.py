@@ -510,6 +510,36 @@ def test_delete_and_recreate_regressions(union: Callable[[int], Union]) -> None:
         assert snapshot(m) == mine  # and after a remount
 
 
+def test_failed_rename_into_a_merged_dir_marks_the_source_opaque(
+    union: Callable[[int], Union],
+) -> None:
+    # Found by the long differential run: the kernel marks an upper directory moved into a
+    # merged parent opaque before rename(2) finds a pure-upper destination not empty, and
+    # leaves the mark when the rename fails.
+    def build(u: Union) -> None:
+        write(u.lowers[0] / "m/lower", "l")  # m: merged once the upper holds it too
+        write(u.upper / "m/up/x", "x")
+        write(u.upper / "m/full/y", "y")
+        write(u.upper / "p/src/z", "z")  # a pure-upper directory in a pure-upper parent
+
+    a, b = twin(union, build)
+
+    def ops(root: Path) -> None:
+        for src in ("m/up", "p/src"):
+            with pytest.raises(OSError) as exc:
+                os.rename(root / src, root / "m/full")
+            assert exc.value.errno == errno.ENOTEMPTY
+
+    with a.mount() as m:
+        ops(Path(m))
+        mine = snapshot(m)
+    with kernel_mount(b.lowers, b.mnt, b.upper, b.work) as k:
+        ops(Path(k))
+        assert snapshot(k) == mine
+    assert snapshot(a.upper, upper=True) == snapshot(b.upper, upper=True)
+    assert os.getxattr(a.upper / "m/up", "trusted.overlay.opaque") == b"y"
+
+
 def test_auto_unmount_after_the_daemon_dies(union: Callable[[int], Union]) -> None:
     from unionfs.api import mount
     from unionfs.mount import read_state
