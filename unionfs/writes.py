@@ -730,7 +730,18 @@ class UnionFS(UnionCore):
         else:
             pfd = self.table.dir_fd(parent, UPPER)
             needs_whiteout = parent.layers != (UPPER,) and self.lower_positive(parent, name)
-            if node.is_dir:
+            if needs_whiteout and self.oci_whiteouts:
+                # A .wh.<name> file cannot replace the name in one rename. Made first, it
+                # hides only the lower objects while the upper one still shows; then the
+                # upper one goes. No moment shows a lower object.
+                self._make_whiteout(pfd, name)
+                if node.is_dir:
+                    tmp = copyup.temp_name()
+                    os.rename(name, tmp, src_dir_fd=pfd, dst_dir_fd=self.work_fd)
+                    copyup.remove_tree_at(self.work_fd, tmp)
+                else:
+                    os.unlink(name, dir_fd=pfd)
+            elif node.is_dir:
                 # Move the upper directory (maybe holding whiteouts) out of the view first.
                 tmp = copyup.temp_name()
                 if needs_whiteout:
@@ -812,8 +823,9 @@ class UnionFS(UnionCore):
             # Like the kernel: a directory moved into a merged parent is made opaque, so no
             # lower directory of the new name can ever merge into it.
             self._make_opaque(src)
-        if new_hidden == "oci":
-            os.unlink(whiteout.OCI_WHITEOUT_PREFIX + new_name, dir_fd=new_pfd)
+        # A .wh.<name> marker at the destination goes once the object is in place there.
+        drop_marker = new_hidden == "oci"
+        if drop_marker:
             new_hidden = None
         if old_positive:
             if new_hidden == "whiteout":
@@ -826,6 +838,8 @@ class UnionFS(UnionCore):
             os.unlink(old_name, dir_fd=old_pfd)
         else:
             self._replace(old_pfd, old_name, new_pfd, new_name, dst)
+        if drop_marker:
+            os.unlink(whiteout.OCI_WHITEOUT_PREFIX + new_name, dir_fd=new_pfd)
         if dst is not None:
             # Only an object whose last name went away can have its number reused.
             dst.removed = dst.layers[0] == UPPER and (dst.is_dir or dst_links <= 1)
@@ -863,20 +877,28 @@ class UnionFS(UnionCore):
     def _rename_whiteout(
         self, old_pfd: int, old_name: bytes, new_pfd: int, new_name: bytes, dst: Node | None
     ) -> None:
-        """Rename and leave a whiteout at the old name in one step where the fs allows."""
+        """Rename and leave a whiteout at the old name in one step where the fs allows.
+
+        The caller counts the whiteout.
+        """
+        if self.oci_whiteouts:
+            # .wh.<name> first: it hides only the lower objects while the upper one still
+            # shows, so no moment shows a lower object at the old name.
+            whiteout.make_whiteout(old_pfd, old_name, oci_fallback=True)
+            self._replace(old_pfd, old_name, new_pfd, new_name, dst)
+            return
         if dst is not None and dst.is_dir and dst.layers[0] == UPPER:
             self._replace(old_pfd, old_name, new_pfd, new_name, dst)
-            self._make_whiteout(old_pfd, old_name)
+            whiteout.make_whiteout(old_pfd, old_name, oci_fallback=self.oci_whiteouts)
             return
-        if not self.oci_whiteouts:
-            try:
-                renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_WHITEOUT)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-                    raise
+        try:
+            renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_WHITEOUT)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
         os.rename(old_name, new_name, src_dir_fd=old_pfd, dst_dir_fd=new_pfd)
-        self._make_whiteout(old_pfd, old_name)
+        whiteout.make_whiteout(old_pfd, old_name)
 
     async def _exchange(
         self,
