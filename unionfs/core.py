@@ -253,8 +253,8 @@ class UnionCore:
         if entry is None:
             return None
         is_dir, layers, checked = entry
-        opened: dict[int, int] = {}
-        listings: dict[int, Listing] = {}
+        opened: dict[int, int] | None = None
+        listings: dict[int, Listing] | None = None
         if not checked:
             layers, opened, listings = self._truncate_at_opaque(parent, name, layers)
             index.set(name, (is_dir, layers, True))
@@ -263,7 +263,7 @@ class UnionCore:
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
-            for fd in opened.values():
+            for fd in (opened or {}).values():
                 os.close(fd)
             index.discard(name)
             return None
@@ -271,8 +271,9 @@ class UnionCore:
         if top == UPPER and self.stack.has_upper:
             origin = self.read_origin(pfd, name)
         node = self.node_for(parent, name, is_dir, layers, st, origin)
-        for layer, fd in opened.items():
-            self.table.adopt(node, layer, fd)
+        if opened:
+            for layer, fd in opened.items():
+                self.table.adopt(node, layer, fd)
         if listings and node.index is None:
             node.listings = listings
         if top != UPPER or not self.stack.has_upper:

@@ -102,7 +102,7 @@ class UnionFS(UnionCore):
         work_st = os.fstat(self.work_fd)
         if work_st.st_mode & stat.S_ISGID:  # new files take the directory's group
             self.egid = work_st.st_gid
-        self.upper_dev = os.fstat(self.work_fd).st_dev
+        self.upper_dev = work_st.st_dev
         cleaned = copyup.clean_workdir(self.work_fd)
         if cleaned:
             log.warning("removed %d leftover(s) of interrupted copy-ups from %s", cleaned, workdir)
@@ -146,7 +146,7 @@ class UnionFS(UnionCore):
         try:
             tmp_fd = open_dir_at(self.work_fd, tmp)
             try:
-                self._copy_meta(lower_fd, tmp_fd, st, node.ino, _NO_CHANGE)
+                self._copy_meta(lower_fd, tmp_fd, st, node.ino)
             finally:
                 os.close(tmp_fd)
             parent_times = os.fstat(parent_fd)
@@ -162,7 +162,9 @@ class UnionFS(UnionCore):
         self.stats.event("copy-up", path=node.path().decode(errors="replace"), size=0, type="dir")
         return self.table.dir_fd(node, UPPER)
 
-    def _copy_meta(self, src: int, dst: int, st: os.stat_result, ino: int, change: Change) -> None:
+    def _copy_meta(
+        self, src: int, dst: int, st: os.stat_result, ino: int, change: Change = _NO_CHANGE
+    ) -> None:
         """Owner, mode, xattrs, origin and times from ``src`` to ``dst`` (both open fds)."""
         if st.st_uid != self.euid or st.st_gid != self.egid:  # else created with them
             os.fchown(dst, st.st_uid, st.st_gid)
@@ -214,23 +216,26 @@ class UnionFS(UnionCore):
             done.set()
 
     async def _copy_up_file(self, node: Node, change: Change) -> bool:
+        """Copy a non-directory up; True when it was a regular file, built with ``change``."""
         started = time.monotonic()
         assert node.parent is not None
         parent = node.parent
         parent_fd = self.upper_dir_fd(parent)
         layer = node.layer
-        lower_pfd = self.table.dir_fd(parent, layer)
         try:
             src, st = self.open_in_layer_stat(node, layer, os.O_RDONLY)
         except OSError as exc:
             if exc.errno != errno.ENXIO:
                 raise
             src = -1  # not a regular file
+            lower_pfd = self.table.dir_fd(parent, layer)
             st = os.stat(node.name, dir_fd=lower_pfd, follow_symlinks=False)
+        regular = src >= 0
+        copied = 0
         tmp = copyup.temp_name()
         work_fd = self.work_fd
         try:
-            if src >= 0:
+            if regular:
                 try:
                     dst = os.open(
                         tmp,
@@ -252,7 +257,6 @@ class UnionFS(UnionCore):
                         if change.size is not None and change.size != size:
                             os.ftruncate(dst, change.size)
                         copied = size
-                        applied = True
                         self._copy_meta(src, dst, st, node.ino, change)
                         if self.cfg.fsync:
                             os.fsync(dst)
@@ -261,8 +265,6 @@ class UnionFS(UnionCore):
                 finally:
                     os.close(src)
             else:
-                copied = 0
-                applied = False
                 if stat.S_ISLNK(st.st_mode):
                     target = os.readlink(node.name, dir_fd=lower_pfd)
                     os.symlink(target, tmp, dir_fd=work_fd)
@@ -308,7 +310,7 @@ class UnionFS(UnionCore):
             # The copy breaks a lower hard link (as in the kernel): the link count the
             # kernel cached at lookup is no longer true.
             await self.attr_changed(node.ino)
-        return applied
+        return regular
 
     @staticmethod
     def _chmod_at(dir_fd: int, name: bytes, mode: int) -> None:
@@ -889,7 +891,7 @@ class UnionFS(UnionCore):
             return
         if dst is not None and dst.is_dir and dst.layers[0] == UPPER:
             self._replace(old_pfd, old_name, new_pfd, new_name, dst)
-            whiteout.make_whiteout(old_pfd, old_name, oci_fallback=self.oci_whiteouts)
+            whiteout.make_whiteout(old_pfd, old_name)
             return
         try:
             renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_WHITEOUT)
