@@ -16,8 +16,10 @@ import logging
 import os
 import stat
 import struct
+from dataclasses import dataclass
 
 from unionfs import whiteout
+from unionfs.sysc import mount_id
 
 log = logging.getLogger(__name__)
 
@@ -148,28 +150,157 @@ def set_origin(target: bytes | int, attr: bytes, ino: int) -> None:
         log.debug("origin marker not stored: %s", exc)
 
 
-def remove_tree_at(dir_fd: int, name: bytes) -> None:
-    """Remove ``name`` inside ``dir_fd`` recursively, never following symlinks."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class _Frame:
+    """One directory being emptied by :func:`remove_tree_at`: its fd and unvisited names."""
+
+    fd: int
+    name: bytes
+    names: list[bytes]
+    # Something below was left in place (another mount): this directory stays too.
+    kept: bool = False
+
+
+def _mount_id(dir_fd: int, name: bytes = b"") -> int | None:
+    """The mount id of ``name`` in ``dir_fd`` (or of ``dir_fd``); None if statx lacks it."""
+    try:
+        return mount_id(dir_fd, name)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def _foreign(st: os.stat_result, mnt: int | None, home: tuple[int, int | None]) -> bool:
+    """True when an object with ``st``/``mnt`` lies on another mount than ``home``."""
+    return st.st_dev != home[0] or (mnt is not None and home[1] is not None and mnt != home[1])
+
+
+def remove_tree_at(dir_fd: int, name: bytes) -> bool:
+    """Remove ``name`` inside ``dir_fd`` with everything below it; True when it is gone.
+
+    The walk is iterative (a tree of any depth is fine; it holds one descriptor per level),
+    never follows a symlink (``lstat``, ``O_NOFOLLOW``), and never enters another mount:
+    an entry whose device or mount id differs from ``dir_fd``'s -- a bind mount, even of
+    the same filesystem -- is left in place with a warning, and so are its ancestors, which
+    cannot be empty. The kernel's overlay leaves such entries alone too (it works on the
+    upper filesystem's dentries and never crosses a mount). Returns False when something was
+    left; a name that does not exist counts as removed.
+    """
+    home = (os.fstat(dir_fd).st_dev, _mount_id(dir_fd))
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        mnt = _mount_id(dir_fd, name)
     except FileNotFoundError:
-        return
+        return True
+    if _foreign(st, mnt, home):
+        _keep(name, "another filesystem is mounted there")
+        return False
     if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        return _unlink(dir_fd, name, is_dir=False)
+    top = _open_same_mount(dir_fd, name, home)
+    if top is None:
+        return False
+    stack = [_Frame(top, name, _names(top))]
     try:
-        for child in os.listdir(fd):
-            remove_tree_at(fd, os.fsencode(child))
+        while stack:
+            frame = stack[-1]
+            if frame.names:
+                child = frame.names.pop()
+                if not _visit(frame, child, home, stack):
+                    frame.kept = True
+                continue
+            stack.pop()
+            os.close(frame.fd)
+            parent = stack[-1] if stack else None
+            if frame.kept or not _unlink(parent.fd if parent else dir_fd, frame.name, is_dir=True):
+                if parent is None:
+                    return False
+                parent.kept = True
+        return True
     finally:
+        for frame in stack:
+            os.close(frame.fd)
+
+
+def _names(fd: int) -> list[bytes]:
+    return [os.fsencode(child) for child in os.listdir(fd)]
+
+
+def _visit(frame: _Frame, child: bytes, home: tuple[int, int | None], stack: list[_Frame]) -> bool:
+    """Remove the non-directory ``child`` of ``frame`` or push it as a new frame.
+
+    Returns False when ``child`` is left in place (another mount, or busy).
+    """
+    try:
+        st = os.stat(child, dir_fd=frame.fd, follow_symlinks=False)
+        mnt = _mount_id(frame.fd, child)
+    except FileNotFoundError:
+        return True
+    if _foreign(st, mnt, home):
+        _keep(child, "another filesystem is mounted there")
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        return _unlink(frame.fd, child, is_dir=False)
+    fd = _open_same_mount(frame.fd, child, home)
+    if fd is None:
+        return False
+    stack.append(_Frame(fd, child, _names(fd)))
+    return True
+
+
+def _open_same_mount(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> int | None:
+    """Open directory ``name`` without following a symlink; None if it is on another mount.
+
+    The check is made again on the opened descriptor, so a mount placed on ``name`` after
+    it was examined is never entered.
+    """
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if _foreign(os.fstat(fd), _mount_id(fd), home):
         os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
+        _keep(name, "another filesystem is mounted there")
+        return None
+    return fd
 
 
-def clean_workdir(work_fd: int) -> int:
-    """Remove leftovers of interrupted copy-ups from ``work/``; returns how many."""
+def _unlink(dir_fd: int, name: bytes, *, is_dir: bool) -> bool:
+    """Unlink or rmdir ``name``; False (with a warning) when it is a mount point (EBUSY)."""
+    try:
+        if is_dir:
+            os.rmdir(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        _keep(name, "it is busy (a mount point)")
+        return False
+    return True
+
+
+def _keep(name: bytes, reason: str) -> None:
+    log.warning("work directory clean-up: left %r in place: %s", os.fsdecode(name), reason)
+
+
+def clean_workdir(work_fd: int, kept: list[bytes] | None = None) -> int:
+    """Remove leftovers of interrupted copy-ups from ``work/``; returns how many.
+
+    Entries that cannot be removed without crossing into another mount stay, logged with a
+    warning, and their names are appended to ``kept`` when given (the kernel's overlay also
+    leaves them, and then mounts read-only because it cannot recreate ``work/``).
+    """
     count = 0
-    for child in os.listdir(work_fd):
-        remove_tree_at(work_fd, os.fsencode(child))
-        count += 1
+    for child in _names(work_fd):
+        if remove_tree_at(work_fd, child):
+            count += 1
+        elif kept is not None:
+            kept.append(child)
     return count

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import struct
 
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
@@ -23,3 +25,32 @@ def renameat2(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes, flags: i
     if _renameat2(old_dir_fd, old, new_dir_fd, new, flags) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+STATX_TYPE = 0x1
+STATX_MNT_ID = 0x1000
+
+_statx = _libc.statx
+_statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+_statx.restype = ctypes.c_int
+
+
+def mount_id(dir_fd: int, name: bytes = b"") -> int:
+    """The mount id of ``name`` in ``dir_fd`` (of ``dir_fd`` itself when ``name`` is empty).
+
+    ``statx(2)`` with ``STATX_MNT_ID``; a trailing symlink is not followed, but a name that is
+    a mount point reports the mount on it, which is how a bind mount on the same filesystem
+    (same ``st_dev``) is told apart. Raises OSError with the errno on failure.
+    """
+    buf = ctypes.create_string_buffer(256)
+    flags = AT_SYMLINK_NOFOLLOW | (0 if name else AT_EMPTY_PATH)
+    if _statx(dir_fd, name, flags, STATX_TYPE | STATX_MNT_ID, buf) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), name)
+    # struct statx: stx_mask is the u32 at offset 0, stx_mnt_id the u64 at offset 144.
+    mask, mnt = struct.unpack_from("=I", buf, 0)[0], struct.unpack_from("=Q", buf, 144)[0]
+    if not mask & STATX_MNT_ID:
+        raise OSError(errno.EOPNOTSUPP, "statx does not report a mount id", name)
+    return int(mnt)
