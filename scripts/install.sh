@@ -36,13 +36,17 @@ pip_or_die() {
     fi
 }
 
-# pyfuse3 with third_party/pyfuse3/opendir-fileinfo.patch, so opendir can turn on the
-# kernel's readdir cache (see third_party/pyfuse3/README.md). The wheel is kept in the
-# cache directory: a fresh clone on the same machine does not compile it again.
+# pyfuse3 with the patches in third_party/pyfuse3, applied in the order listed: opendir can
+# turn on the kernel's readdir cache, an entry's FUSE node id can differ from its st_ino, and
+# fallocate reaches the filesystem (see third_party/pyfuse3/README.md). The local version
+# names the patch set; bump it with any change to the patches so a cached wheel is not reused.
+# The wheel is kept in the cache directory: a fresh clone on the same machine does not
+# compile it again.
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 PYFUSE3_URL=https://files.pythonhosted.org/packages/b9/a9/ce2c0513e9611ee2ffeeb482a33d23a210326801d48866df30a989562d43/pyfuse3-$PYFUSE3_VERSION.tar.gz
-PYFUSE3_LOCAL="$PYFUSE3_VERSION+unionfs.1"
+PYFUSE3_LOCAL="$PYFUSE3_VERSION+unionfs.2"
+PYFUSE3_PATCHES=(opendir-fileinfo.patch entry-node-id.patch fallocate.patch)
 WHEEL_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/unionfs/wheels"
 PYTAG=$(.venv/bin/python -c "import sys; print('cp%d%d' % sys.version_info[:2])")
 have=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('pyfuse3'))" 2>/dev/null || true)
@@ -70,7 +74,12 @@ PY
             exit 1
         fi
         tar xzf "$sdist" -C "$src"
-        patch -s -d "$src/pyfuse3-$PYFUSE3_VERSION" -p1 <third_party/pyfuse3/opendir-fileinfo.patch
+        for p in "${PYFUSE3_PATCHES[@]}"; do
+            if ! patch -s -d "$src/pyfuse3-$PYFUSE3_VERSION" -p1 <"third_party/pyfuse3/$p"; then
+                echo "install.sh: third_party/pyfuse3/$p does not apply to pyfuse3 $PYFUSE3_VERSION" >&2
+                exit 1
+            fi
+        done
         SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_LOCAL" \
             pip_or_die wheel -q --no-deps -w "$WHEEL_CACHE" "$src/pyfuse3-$PYFUSE3_VERSION"
         rm -rf "$src"
@@ -80,7 +89,8 @@ PY
 fi
 pip_or_die install -q -e ".[test,bench,zstd]"
 rm -f "$PIP_LOG"
-.venv/bin/python -c "import pyfuse3, trio, xattr, pyroute2; pyfuse3.FileInfo(cache_readdir=True)"
+.venv/bin/python -c "import pyfuse3, trio, xattr, pyroute2; pyfuse3.FileInfo(cache_readdir=True)
+pyfuse3.EntryAttributes().node_id; pyfuse3.Operations.fallocate"
 
 # Debian's unionfs-fuse ships /usr/bin/unionfs; /usr/local/bin comes first on root's PATH.
 ln -sf "$ROOT/.venv/bin/unionfs" /usr/local/bin/unionfs
