@@ -5,7 +5,15 @@ Everything here runs before anything is mounted or written: a bad layer set is r
 
 Unknown ``-o`` options are warned about and ignored, as fuse-overlayfs does, because
 ``mount -t fuse.unionfs`` and tools written for fuse-overlayfs pass generic mount options
-(``rw``, ``nodev``, ``relatime``, ``x-systemd.*`` ...) that a FUSE daemon does not act on.
+(``rw``, ``relatime``, ``x-systemd.*`` ...) that a FUSE daemon does not act on. The kernel mount
+flags ``dev``/``nodev``, ``suid``/``nosuid`` and ``exec``/``noexec`` are honoured (the last one
+given wins); see :func:`unionfs.mount.fuse_options` for the defaults.
+
+Validation opens every layer root and the workdir once (:class:`OpenedDir`): the daemon uses
+those descriptors and never resolves the paths again, so a directory swapped for a symlink
+after validation changes nothing. Sameness and nesting of layers are decided by device and
+inode number, so two paths to one directory (a bind-mount alias) are refused as the kernel
+refuses them.
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ import logging
 import os
 import stat
 import sys
+from collections.abc import Iterable
 
 from unionfs.errors import UnionfsError, UsageError
+from unionfs.layers import open_dir_at
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +36,6 @@ DEFAULT_READAHEAD_KB = 1024
 # Generic mount options a helper may hand us; accepted silently, they need no action here.
 _PASSIVE_OPTIONS = {
     "rw",
-    "dev",
-    "nodev",
-    "suid",
-    "nosuid",
-    "exec",
-    "noexec",
     "atime",
     "noatime",
     "relatime",
@@ -52,7 +56,6 @@ _PASSIVE_OPTIONS = {
     "default_permissions",
     "allow_root",
     "allow_other",
-    "noacl",
     "threaded",
     "fast_ino",
     "static_nlink",
@@ -93,6 +96,14 @@ class MountConfig:
     allow_other: bool = True
     userxattr: bool = False
     nonempty: bool = False
+    # Kernel mount flags. The defaults are fuse-overlayfs's as root: setuid binaries of an
+    # image work, device nodes in a layer do not (a container gets its devices from its
+    # runtime's /dev), programs may run. Without root, fusermount3 forces nosuid,nodev.
+    dev: bool = False
+    suid: bool = True
+    exec: bool = True
+    # Ask the kernel to enforce POSIX ACLs (FUSE_CAP_POSIX_ACL) -- ``noacl`` turns it off.
+    acl: bool = True
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -184,13 +195,62 @@ def apply_options(cfg: MountConfig, options: list[str]) -> None:
             cfg.nonempty = True
         elif name == "noallow_other":
             cfg.allow_other = False
+        elif name in ("dev", "nodev"):
+            cfg.dev = name == "dev"
+        elif name in ("suid", "nosuid"):
+            cfg.suid = name == "suid"
+        elif name in ("exec", "noexec"):
+            cfg.exec = name == "exec"
+        elif name == "noacl":
+            cfg.acl = False
         elif name in _PASSIVE_OPTIONS or name.startswith("x-"):
             continue
         else:
             cfg.warnings.append(f"unknown argument ignored: {opt}")
 
 
-def _realdir(path: str, what: str) -> str:
+class OpenedDir(str):
+    """A validated directory: its canonical path plus the descriptor opened at validation.
+
+    A ``str`` (the path, for messages, the state record and ``inspect``) that also carries
+    ``fd``, ``dev`` and ``ino``. The daemon reaches the directory only through ``fd``; the
+    path is never resolved again. :meth:`take` hands the descriptor to its one owner.
+    """
+
+    fd: int
+    dev: int
+    ino: int
+
+    def __new__(cls, path: str, fd: int, st: os.stat_result) -> OpenedDir:
+        self = super().__new__(cls, path)
+        self.fd, self.dev, self.ino = fd, st.st_dev, st.st_ino
+        return self
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.dev, self.ino)
+
+    def take(self) -> int:
+        """The descriptor, now owned (and closed) by the caller; a second take is an error."""
+        fd = self.fd
+        if fd < 0:
+            raise ValueError(f"the descriptor of {str(self)!r} was already taken")
+        self.fd = -1
+        return fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_validated(path: str, what: str) -> OpenedDir:
+    """Open the directory ``path`` once, for good; the one-line error names ``what``.
+
+    The path is made canonical (``realpath``) and stat-ed, then its last component is opened
+    ``O_NOFOLLOW``; the descriptor must be the directory that was stat-ed (same device and
+    inode), so a swap between the two is refused rather than followed.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -199,34 +259,96 @@ def _realdir(path: str, what: str) -> str:
         raise UnionfsError(f"{what} {path!r}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UnionfsError(f"{what} {path!r} is not a directory")
-    return os.path.realpath(path)
+    real = os.path.realpath(path)
+    try:
+        fd = open_dir_at(-1, real)
+    except OSError as exc:
+        raise UnionfsError(f"{what} {path!r}: {exc.strerror}") from None
+    fst = os.fstat(fd)
+    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise UnionfsError(f"{what} {path!r} changed while it was being checked")
+    return OpenedDir(real, fd, fst)
 
 
-def _parts(path: str) -> tuple[str, ...]:
-    return tuple(p for p in path.split("/") if p)
+_Key = tuple[int, int]
 
 
-def _check_overlaps(named: list[tuple[str, str]]) -> None:
+class _Ancestry:
+    """(device, inode) of every directory above a descriptor, walking ``..`` by descriptor.
+
+    The parent of each directory met is remembered, so 2,000 layers in one parent cost one
+    walk of that parent's ancestors. ``..`` crosses mount points upwards as a path walk does.
+    """
+
+    def __init__(self) -> None:
+        self.parent: dict[_Key, _Key | None] = {}
+
+    def above(self, fd: int) -> list[_Key]:
+        st = os.fstat(fd)
+        key: _Key = (st.st_dev, st.st_ino)
+        cur = os.dup(fd)
+        try:
+            while key not in self.parent:
+                up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur)
+                os.close(cur)
+                cur = up
+                pst = os.fstat(cur)
+                pkey: _Key = (pst.st_dev, pst.st_ino)
+                self.parent[key] = None if pkey == key else pkey
+                key = pkey
+        finally:
+            os.close(cur)
+        out = []
+        nxt = self.parent[(st.st_dev, st.st_ino)]
+        while nxt is not None:
+            out.append(nxt)
+            nxt = self.parent[nxt]
+        return out
+
+
+def _check_overlaps(named: list[tuple[str, OpenedDir]]) -> _Ancestry:
     """Reject a layer set where one directory is the same as, or nested in, another.
 
-    Sorting by path components puts every directory directly before its first descendant,
-    so checking neighbours finds every nesting in O(n log n) -- 2,000 layers stay instant.
+    Directories are compared by (device, inode), not by path: a bind-mount alias of a layer
+    is that layer. Returns the ancestry cache, for the mountpoint check.
     """
-    items = sorted((_parts(path), what, path) for what, path in named)
-    for (pa, wa, a), (pb, wb, b) in zip(items, items[1:]):
-        if pa == pb:
-            if wa == wb == "lowerdir":
-                raise UnionfsError(f"lowerdir {a!r} is given twice")
-            raise UnionfsError(f"{wa} and {wb} are the same directory {a!r}")
-        if pb[: len(pa)] == pa:
-            raise UnionfsError(f"{wb} {b!r} is inside {wa} {a!r}; layers must not overlap")
+    seen: dict[_Key, tuple[str, OpenedDir]] = {}
+    for what, d in named:
+        prev = seen.get(d.key)
+        if prev is not None:
+            pwhat, pd = prev
+            if pwhat == what == "lowerdir" and pd == d:
+                raise UnionfsError(f"lowerdir {str(d)!r} is given twice")
+            if pd == d:
+                raise UnionfsError(f"{pwhat} and {what} are the same directory {str(d)!r}")
+            raise UnionfsError(f"{pwhat} {str(pd)!r} and {what} {str(d)!r} are the same directory")
+        seen[d.key] = (what, d)
+    ancestry = _Ancestry()
+    for what, d in named:
+        for key in ancestry.above(d.fd):
+            outer = seen.get(key)
+            if outer is not None:
+                owhat, od = outer
+                raise UnionfsError(
+                    f"{what} {str(d)!r} is inside {owhat} {str(od)!r}; layers must not overlap"
+                )
+    return ancestry
+
+
+def close_dirs(dirs: Iterable[OpenedDir]) -> None:
+    """Close the descriptors of validated directories that nobody took."""
+    for d in dirs:
+        d.close()
 
 
 def validate(cfg: MountConfig) -> MountConfig:
-    """Check the layer set and mountpoint; return ``cfg`` with canonical absolute paths.
+    """Check the layer set and mountpoint; return ``cfg`` with its directories opened.
 
-    Raises :class:`UnionfsError` with a one-line message for every kind of bad input the
-    README lists; nothing is created or changed on failure.
+    ``cfg.lowers``, ``cfg.upper`` and ``cfg.workdir`` become :class:`OpenedDir` values
+    (canonical paths carrying the descriptor the daemon will use). Raises
+    :class:`UnionfsError` with a one-line message for every kind of bad input the README
+    lists; nothing is created or changed on failure, and no descriptor is left open.
     """
     if not cfg.lowers:
         raise UsageError("no lower layer given (use --lower DIR or -o lowerdir=DIR[:DIR...])")
@@ -234,23 +356,39 @@ def validate(cfg: MountConfig) -> MountConfig:
         raise UsageError("upperdir and workdir must be given together")
     if not os.path.exists("/dev/fuse"):
         raise UnionfsError("/dev/fuse does not exist (is the fuse module loaded?)")
-    lowers = [_realdir(p, "lowerdir") for p in cfg.lowers]
-    named = [("lowerdir", p) for p in lowers]
+    opened: list[OpenedDir] = []
+    try:
+        return _validate(cfg, opened)
+    except BaseException:
+        close_dirs(opened)
+        raise
+
+
+def _validate(cfg: MountConfig, opened: list[OpenedDir]) -> MountConfig:
+    named: list[tuple[str, OpenedDir]] = []
+    for what, path in (
+        *(("lowerdir", p) for p in cfg.lowers),
+        *((("upperdir", cfg.upper), ("workdir", cfg.workdir)) if cfg.upper is not None else ()),
+    ):
+        assert path is not None
+        d = open_validated(path, what)
+        opened.append(d)
+        named.append((what, d))
+    nlow = len(cfg.lowers)
+    lowers: list[str] = [d for _, d in named[:nlow]]
     upper = workdir = None
-    if cfg.upper is not None and cfg.workdir is not None:
-        upper = _realdir(cfg.upper, "upperdir")
-        workdir = _realdir(cfg.workdir, "workdir")
-        named += [("upperdir", upper), ("workdir", workdir)]
-    _check_overlaps(named)
+    if len(named) > nlow:
+        upper, workdir = named[nlow][1], named[nlow + 1][1]
+    ancestry = _check_overlaps(named)
     if upper is not None and workdir is not None:
-        if os.stat(upper).st_dev != os.stat(workdir).st_dev:
+        if upper.dev != workdir.dev:
             raise UnionfsError(
-                f"workdir {workdir!r} is not on the same filesystem as upperdir {upper!r}"
+                f"workdir {str(workdir)!r} is not on the same filesystem as upperdir {str(upper)!r}"
             )
         if not cfg.read_only:
-            for what, path in (("upperdir", upper), ("workdir", workdir)):
-                if not os.access(path, os.W_OK):
-                    raise UnionfsError(f"{what} {path!r} is not writable")
+            for what, d in (("upperdir", upper), ("workdir", workdir)):
+                if not os.access(".", os.W_OK, dir_fd=d.fd):
+                    raise UnionfsError(f"{what} {str(d)!r} is not writable")
     try:
         mst = os.stat(cfg.mountpoint)
     except FileNotFoundError:
@@ -264,11 +402,16 @@ def validate(cfg: MountConfig) -> MountConfig:
         raise UnionfsError(f"mountpoint {mnt!r} is busy: something is already mounted there")
     if not cfg.nonempty and os.listdir(mnt):
         raise UnionfsError(f"mountpoint {mnt!r} is not empty (use -o nonempty to mount anyway)")
-    mparts = _parts(mnt)
-    for what, path in named:
-        pp = _parts(path)
-        if mparts[: len(pp)] == pp:
-            raise UnionfsError(f"mountpoint {mnt!r} is inside {what} {path!r}")
+    layer_of = {d.key: (what, d) for what, d in named}
+    mfd = os.open(mnt, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        mkey = os.fstat(mfd)
+        for key in [(mkey.st_dev, mkey.st_ino), *ancestry.above(mfd)]:
+            if key in layer_of:
+                what, d = layer_of[key]
+                raise UnionfsError(f"mountpoint {mnt!r} is inside {what} {str(d)!r}")
+    finally:
+        os.close(mfd)
     cfg.lowers, cfg.upper, cfg.workdir, cfg.mountpoint = lowers, upper, workdir, mnt
     return cfg
 

@@ -66,11 +66,26 @@ def _is_ctx(obj: object) -> bool:
     return type(obj).__name__ == "RequestContext"
 
 
+def _is_entry_name(name: bytes) -> bool:
+    """True for a name a directory entry can have: one component, at most 255 bytes."""
+    return (
+        0 < len(name) <= 255
+        and b"/" not in name
+        and b"\0" not in name
+        and name not in (b".", b"..")
+    )
+
+
 class Operations(pyfuse3.Operations):
     """pyfuse3 request handlers for one union mount."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # FUSE_CAP_POSIX_ACL: the kernel enforces the ACLs it reads through getxattr, as it
+    # enforces modes under default_permissions (always on). The mount sets it per instance
+    # from the noacl option.
+    enable_acl = True
+
 
     def __init__(self, fs: UnionFS, timeout: float, debug: bool = False) -> None:
         super().__init__()
@@ -254,6 +269,10 @@ class Operations(pyfuse3.Operations):
             return json.dumps(self.fs.inspect(inode)).encode()
         if name.startswith(XATTR_INSPECT + b":"):
             child = name[len(XATTR_INSPECT) + 1 :]
+            if not _is_entry_name(child):
+                # Only a name inside this directory may be asked about: "a/b", ".." or ""
+                # would describe paths outside it, up to any path of the host.
+                raise pyfuse3.FUSEError(errno.EINVAL)
             return json.dumps(self.fs.inspect(inode, child)).encode()
         if name == XATTR_STATS:
             return json.dumps(self.fs.stats.snapshot()).encode()

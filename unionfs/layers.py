@@ -1,8 +1,10 @@
-"""The layer stack: layer roots opened lazily, and the inode-number space they share.
+"""The layer stack: one descriptor per layer root, and the inode-number space they share.
 
 Layer 0 is the upper when the mount has one; the lowers follow top to bottom. Every layer
-root is opened on first use only, so mounting 2,000 layers costs 2,000 ``stat`` calls (needed
-to validate them and to number their filesystems) and no open descriptors.
+root is a descriptor opened once, when the layer set was validated
+(:class:`unionfs.config.OpenedDir`): the daemon never resolves a layer's path again, so a
+parent directory renamed away and replaced by a symlink after the mount changes nothing.
+2,000 layers cost 2,000 descriptors, which the raised ``RLIMIT_NOFILE`` leaves room for.
 
 Inode numbers follow the kernel's ``xino`` idea: the high 16 bits name the filesystem a layer
 object lives on (numbered in layer order, so the same layer list gives the same numbers after
@@ -34,36 +36,43 @@ def open_dir_at(dir_fd: int, name: bytes | str) -> int:
 
 
 class Layer:
-    """One layer directory: its path, position and (lazily opened) root descriptor."""
+    """One layer directory: its path (for messages only), position and root descriptor."""
 
-    __slots__ = ("index", "path", "is_upper", "fsid", "_root_fd")
+    __slots__ = ("index", "path", "is_upper", "fsid", "root_fd")
 
-    def __init__(self, index: int, path: str, is_upper: bool, fsid: int) -> None:
+    def __init__(self, index: int, path: str, is_upper: bool, fsid: int, root_fd: int) -> None:
         self.index = index
         self.path = path
         self.is_upper = is_upper
         self.fsid = fsid
-        self._root_fd = -1
-
-    @property
-    def root_fd(self) -> int:
-        if self._root_fd < 0:
-            # An absolute path ignores dir_fd: one open, with O_NOATIME where allowed.
-            self._root_fd = open_dir_at(-1, self.path)
-        return self._root_fd
+        self.root_fd = root_fd
 
     def close(self) -> None:
-        if self._root_fd >= 0:
-            os.close(self._root_fd)
-            self._root_fd = -1
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
 
     def __repr__(self) -> str:
         kind = "upper" if self.is_upper else "lower"
         return f"<Layer {self.index} {kind} {self.path}>"
 
 
+def _take_root(path: str) -> tuple[int, int]:
+    """The root descriptor of a layer and its device: the one opened at validation when
+    ``path`` carries it (an :class:`~unionfs.config.OpenedDir`), else opened now, without
+    following a symlink in the last component (a configuration that was never validated,
+    as unit tests build)."""
+    take = getattr(path, "take", None)
+    fd = take() if take is not None else open_dir_at(-1, path)
+    return fd, os.fstat(fd).st_dev
+
+
 class LayerStack:
-    """The ordered layers of one mount and the inode-number mapping over them."""
+    """The ordered layers of one mount and the inode-number mapping over them.
+
+    Takes ownership of the root descriptors carried by validated paths; :meth:`close`
+    closes them.
+    """
 
     def __init__(self, lowers: list[str], upper: str | None) -> None:
         paths: list[tuple[str, bool]] = []
@@ -72,10 +81,14 @@ class LayerStack:
         paths.extend((p, False) for p in lowers)
         fsids: dict[int, int] = {}
         self.layers: list[Layer] = []
-        for i, (path, is_upper) in enumerate(paths):
-            dev = os.stat(path).st_dev
-            fsid = fsids.setdefault(dev, len(fsids) + 1)
-            self.layers.append(Layer(i, path, is_upper, fsid))
+        try:
+            for i, (path, is_upper) in enumerate(paths):
+                fd, dev = _take_root(path)
+                fsid = fsids.setdefault(dev, len(fsids) + 1)
+                self.layers.append(Layer(i, str(path), is_upper, fsid, fd))
+        except BaseException:
+            self.close()
+            raise
         self.fsid_of_dev = fsids
         self.has_upper = upper is not None
         self._synthetic: dict[tuple[int, int], int] = {}

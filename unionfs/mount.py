@@ -42,19 +42,51 @@ def read_state(mountpoint: str) -> dict[str, Any] | None:
         return None
 
 
-def _raise_nofile_limit() -> None:
+NR_OPEN_PATH = "/proc/sys/fs/nr_open"
+
+
+def raise_nofile_limit() -> int:
+    """Raise ``RLIMIT_NOFILE`` as far as allowed; return the soft limit now in force.
+
+    Every open file through the mount holds a descriptor in the daemon, so the default limit
+    (often 1,024 or 20,000) would let one user's open files give every user EMFILE. The soft
+    limit goes to the hard limit; root also raises the hard limit to the kernel's maximum
+    (``fs.nr_open``), as fuse-overlayfs raises its soft limit.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    if os.geteuid() == 0 and hard != resource.RLIM_INFINITY:
+        try:
+            with open(NR_OPEN_PATH) as f:
+                nr_open = int(f.read())
+            if hard < nr_open:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nr_open, nr_open))
+                return nr_open
+        except (OSError, ValueError) as exc:
+            # Root without CAP_SYS_RESOURCE (a container, a confined VM) keeps its hard limit.
+            log.debug("cannot raise the hard descriptor limit: %s", exc)
+    if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return int(hard)
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
+    """The options handed to libfuse's mount.
+
+    As root, the defaults are fuse-overlayfs's: ``allow_other`` (unless ``noallow_other``),
+    ``suid``, and no ``dev``; ``exec`` is the kernel's default. libfuse starts from
+    ``nosuid,nodev`` and clears each only when ``suid``/``dev`` is given, so exactly one
+    word per flag is passed (pyfuse3 takes a set: the order of the words is lost).
+    Without root, fusermount3 always mounts ``nosuid,nodev``; ``noexec`` still applies.
+    """
     opts = set(pyfuse3.default_options)
     opts |= {"fsname=unionfs", "subtype=unionfs", "default_permissions"}
     if os.geteuid() == 0:
-        opts |= {"dev", "suid"}
         if cfg.allow_other:
             opts.add("allow_other")
+        opts.add("suid" if cfg.suid else "nosuid")
+        opts.add("dev" if cfg.dev else "nodev")
+    if not cfg.exec:
+        opts.add("noexec")
     if not cfg.writable:
         opts.add("ro")
     if cfg.auto_unmount:
@@ -69,7 +101,31 @@ def _build(cfg: MountConfig) -> Any:
     from unionfs.writes import UnionFS
 
     fs = UnionFS(cfg)
-    return fs, Operations(fs, cfg.timeout, debug=cfg.debug)
+    _fit_fd_cache(fs)
+    ops = Operations(fs, cfg.timeout, debug=cfg.debug)
+    # default_permissions is always on: let the kernel enforce POSIX ACLs too (it reads
+    # system.posix_acl_access through getxattr), unless the mount says noacl.
+    ops.enable_acl = cfg.acl
+    return fs, ops
+
+
+def _fit_fd_cache(fs: Any) -> None:
+    """Keep the cache of directory descriptors to a quarter of the descriptor limit.
+
+    The rest is for the layer roots and for the files users open through the mount. The
+    cache must still hold two directories' descriptors in every layer; a limit too low for
+    that is refused with one line rather than failing later with EMFILE.
+    """
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return
+    need = 2 * len(fs.stack) + 64
+    if soft < 2 * (need + len(fs.stack)):
+        raise UnionfsError(
+            f"the descriptor limit ({soft}) is too low for {len(fs.stack)} layers:"
+            f" raise RLIMIT_NOFILE (ulimit -n) to at least {2 * (need + len(fs.stack))}"
+        )
+    fs.table.max_dir_fds = max(need, min(fs.table.max_dir_fds, soft // 4))
 
 
 async def _serve_loop(ops: Any, cfg: MountConfig) -> None:
@@ -94,7 +150,7 @@ async def _serve_loop(ops: Any, cfg: MountConfig) -> None:
 
 def serve(cfg: MountConfig, ready_fd: int = -1) -> int:
     """Mount ``cfg`` and serve requests until unmounted or signalled. Returns an exit code."""
-    _raise_nofile_limit()
+    raise_nofile_limit()
     try:
         fs, ops = _build(cfg)
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))

@@ -94,9 +94,12 @@ def mount(args: list[str]) -> int:
         cfg, log_file = _parse_compat(args[1:]), None
     else:
         cfg, log_file = _parse_mount(args)
+    from unionfs import mount as lifecycle
+
+    # Validation opens every layer root and keeps it open: 2,000 layers need the raised limit.
+    lifecycle.raise_nofile_limit()
     config.validate(cfg)
     config.warn(cfg)
-    from unionfs import mount as lifecycle
 
     if cfg.foreground:
         _setup_logging(cfg)

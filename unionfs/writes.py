@@ -79,11 +79,17 @@ class UnionFS(UnionCore):
     # -- set-up -------------------------------------------------------------------------
 
     def _open_workdir(self, workdir: str, read_only: bool) -> None:
+        """Lock the workdir and open its ``work/``, through the descriptor opened when the
+        configuration was validated (``workdir`` is then an ``OpenedDir``): the path is not
+        resolved again, so a workdir swapped for a symlink since then is not followed. An
+        unvalidated configuration (unit tests) opens the path now, never through a symlink.
+        """
         import fcntl
 
         from unionfs.errors import UnionfsError
 
-        wfd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        take = getattr(workdir, "take", None)
+        wfd = take() if take is not None else open_dir_at(-1, workdir)
         try:
             fcntl.flock(wfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -105,8 +105,82 @@ def test_mountpoint_checks(tmp_path: Path) -> None:
         config.validate(config.MountConfig(lowers=[str(a)], mountpoint=str(a / "inside")))
 
 
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
 def test_overlap_check_scales_to_thousands(tmp_path: Path) -> None:
-    named = [("lowerdir", f"/layers/{i}") for i in range(5000)]
-    config._check_overlaps(named)  # no error, and no quadratic blow-up
-    with pytest.raises(UnionfsError):
-        config._check_overlaps(named + [("upperdir", "/layers/17/up")])
+    """2,000 real layers validate quickly, each opened once; a nested one is still found."""
+    import resource
+    import time
+
+    from unionfs.mount import raise_nofile_limit
+
+    raise_nofile_limit()
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 5000
+    lowers = []
+    for i in range(2000):
+        (tmp_path / "layers" / str(i)).mkdir(parents=True)
+        lowers.append(str(tmp_path / "layers" / str(i)))
+    (tmp_path / "m").mkdir()
+    before = _open_fds()
+    t0 = time.monotonic()
+    cfg = config.validate(config.MountConfig(lowers=list(lowers), mountpoint=str(tmp_path / "m")))
+    elapsed = time.monotonic() - t0
+    try:
+        assert len(_open_fds() - before) == 2000  # one descriptor per layer root, no more
+        assert elapsed < 2.0, f"validating 2,000 layers took {elapsed:.2f}s"
+    finally:
+        config.close_dirs(cfg.lowers)  # type: ignore[arg-type]
+    assert _open_fds() == before
+    (tmp_path / "layers" / "17" / "up").mkdir()
+    nested = config.MountConfig(
+        lowers=lowers + [lowers[17] + "/up"], mountpoint=str(tmp_path / "m")
+    )
+    with pytest.raises(UnionfsError, match="is inside lowerdir"):
+        config.validate(nested)
+    assert _open_fds() == before  # a refused layer set leaves no descriptor open
+
+
+def test_validated_dirs_carry_their_descriptor(tmp_path: Path) -> None:
+    """Each directory is opened once at validation; its descriptor is the stat-ed directory."""
+    for n in ("a", "u", "w", "m"):
+        (tmp_path / n).mkdir()
+    os.symlink(tmp_path / "a", tmp_path / "alink")
+    cfg = _cfg(tmp_path, [str(tmp_path / "alink")], str(tmp_path / "u"), str(tmp_path / "w"))
+    config.validate(cfg)
+    try:
+        low = cfg.lowers[0]
+        assert isinstance(low, config.OpenedDir) and low == str(tmp_path / "a")
+        st = os.stat(tmp_path / "a")
+        assert os.fstat(low.fd)[1:3] == (st.st_ino, st.st_dev)
+        fd = low.take()
+        with pytest.raises(ValueError, match="already taken"):
+            low.take()
+        os.close(fd)
+    finally:
+        config.close_dirs([cfg.upper, cfg.workdir])  # type: ignore[list-item]
+
+
+def test_kernel_mount_flag_options() -> None:
+    """dev/suid/exec and their no- forms are honoured, the last one given winning."""
+    cfg = config.MountConfig(lowers=[], mountpoint="/m")
+    assert (cfg.dev, cfg.suid, cfg.exec, cfg.acl) == (False, True, True, True)
+    config.apply_options(cfg, ["dev", "nosuid", "noexec", "noacl"])
+    assert (cfg.dev, cfg.suid, cfg.exec, cfg.acl) == (True, False, False, False)
+    config.apply_options(cfg, ["nodev", "suid", "exec", "nodev"])
+    assert (cfg.dev, cfg.suid, cfg.exec) == (False, True, True)
+    assert cfg.warnings == []
+
+
+def test_fuse_options_follow_the_flags() -> None:
+    from unionfs.mount import fuse_options
+
+    cfg = config.MountConfig(lowers=["/a"], mountpoint="/m")
+    opts = fuse_options(cfg)
+    assert {"nodev", "suid", "allow_other", "default_permissions"} <= opts
+    assert not opts & {"dev", "nosuid", "noexec"}
+    config.apply_options(cfg, ["dev", "nosuid", "noexec", "noallow_other"])
+    opts = fuse_options(cfg)
+    assert {"dev", "nosuid", "noexec"} <= opts
+    assert not opts & {"nodev", "suid", "allow_other"}
