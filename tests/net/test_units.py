@@ -120,7 +120,7 @@ def test_ruleset_has_dnat_guard_and_masquerade(tmp_path: Path) -> None:
 def test_ruleset_without_bridge_containers_deletes_table(tmp_path: Path) -> None:
     rec = Record(name="n", id="a", network="none", rootfs="/", command=["x"], hostname="h")
     cmds = nft.build_ruleset(cfg(tmp_path), [rec])
-    assert [list(c) for c in cmds] == [["add"], ["delete"]]
+    assert [list(c) for c in cmds] == [["add"], ["delete"], ["add"], ["delete"]]
 
 
 def test_hosts_file_layout() -> None:

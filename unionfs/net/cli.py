@@ -17,6 +17,7 @@ from typing import NoReturn
 from unionfs.errors import UnionfsError, UsageError
 from unionfs.net import lifecycle, links, nft
 from unionfs.net.config import NetConfig
+from unionfs.net.confinement import Confinement
 from unionfs.net.portspec import PortMapping, parse_port_spec
 from unionfs.net.state import RunDir, is_alive
 
@@ -78,6 +79,12 @@ def _run(argv: list[str], cfg: NetConfig) -> int:
     p.add_argument("-e", "--env", action="append", default=[])
     p.add_argument("-d", "--detach", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--privileged", action="store_true")
+    p.add_argument("--cap-add", action="append", default=[], metavar="CAP")
+    p.add_argument("--cap-drop", action="append", default=[], metavar="CAP")
+    p.add_argument("--security-opt", action="append", default=[], metavar="OPT")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--userns", default="host", choices=("host", "private"))
     p.add_argument("rootfs")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(head)
@@ -98,6 +105,14 @@ def _run(argv: list[str], cfg: NetConfig) -> int:
         add_hosts=[_split_add_host(v) for v in args.add_host],
         env=list(args.env),
         detach=args.detach,
+        confinement=Confinement.parse(
+            privileged=args.privileged,
+            cap_add=args.cap_add,
+            cap_drop=args.cap_drop,
+            security_opts=args.security_opt,
+            read_only=args.read_only,
+            userns=args.userns,
+        ),
     )
     return lifecycle.run(cfg, opts)
 

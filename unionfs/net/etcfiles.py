@@ -8,16 +8,30 @@ write.  Content follows Docker: the standard localhost/IPv6 lines, ``--add-host`
 namespace; Google's public resolvers stand in if none is left, as Docker does), or the
 ``--dns`` servers.
 
-The rootfs is untrusted: ``etc`` and each file are opened relative to the rootfs with
-O_NOFOLLOW, and a symlink in their place is replaced, so a write never lands outside it.
+The rootfs is untrusted (a layer author or a running container controls it), so:
+
+* ``etc`` is opened relative to a descriptor of the rootfs with O_NOFOLLOW|O_DIRECTORY: a
+  symlink there is refused, never followed;
+* a file is never opened for writing: the new content goes into a fresh temporary file
+  (O_CREAT|O_EXCL|O_NOFOLLOW) in ``etc``, which is then renamed over the name.  rename(2)
+  replaces a directory entry and never writes into what the name pointed to, so a symlink,
+  a device or a FIFO there cannot be written through or block us;
+* before anything is written, each name is checked with lstat: a regular file, a symlink or
+  nothing is replaced; anything else (device, FIFO, socket, directory) is refused with one
+  line, since no image ships one there by accident;
+* a read (the host's files, or another container's for ``--network container:NAME``) opens
+  with O_NOFOLLOW|O_NONBLOCK, requires a regular file after fstat and reads at most
+  :data:`MAX_FILE_SIZE` bytes, so a FIFO cannot hang us while we hold the run lock and
+  ``/dev/zero`` cannot make us read forever.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +42,8 @@ log = logging.getLogger(__name__)
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 HOST_HOSTS = Path("/etc/hosts")
 FALLBACK_DNS = ("8.8.8.8", "8.8.4.4")
+MAX_FILE_SIZE = 1 << 20
+"""The largest hosts/resolv.conf/hostname we read or write (1 MiB)."""
 
 _HOSTS_HEADER = """\
 127.0.0.1\tlocalhost
@@ -77,8 +93,8 @@ def resolv_conf(dns: list[str], host_text: str | None = None) -> str:
     """The container's resolv.conf: ``dns`` servers if given, else the host's filtered."""
     if host_text is None:
         try:
-            host_text = HOST_RESOLV_CONF.read_text()
-        except OSError:
+            host_text = read_bounded(None, str(HOST_RESOLV_CONF))
+        except (OSError, UnionfsError):
             host_text = ""
     kept = []
     servers = 0
@@ -94,65 +110,152 @@ def resolv_conf(dns: list[str], host_text: str | None = None) -> str:
     return "\n".join(kept).strip("\n") + "\n"
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symlink"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_bounded(dir_fd: int | None, name: str, shown: str | None = None) -> str:
+    """Read the regular file ``name`` (relative to ``dir_fd``) without following a symlink.
+
+    Opens with O_NOFOLLOW|O_NONBLOCK (a FIFO neither blocks the open nor the read), checks with
+    fstat that it is a regular file, and reads at most :data:`MAX_FILE_SIZE` bytes.  Raises
+    :class:`UnionfsError` for anything else or anything larger; :class:`OSError` (e.g.
+    FileNotFoundError) if it cannot be opened.
+    """
+    shown = shown or name
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnionfsError(f"{shown} is {_kind(st.st_mode)}, not a regular file: not read")
+        chunks = []
+        left = MAX_FILE_SIZE + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_FILE_SIZE:
+        raise UnionfsError(f"{shown} is larger than {MAX_FILE_SIZE} bytes: not read")
+    return data.decode(errors="replace")
+
+
 def host_files() -> tuple[str, str]:
     """The host's own hosts and resolv.conf text, for --network host."""
     texts = []
     for path in (HOST_HOSTS, HOST_RESOLV_CONF):
         try:
-            texts.append(path.read_text())
-        except OSError:
+            texts.append(read_bounded(None, str(path)))
+        except (OSError, UnionfsError) as exc:
+            log.warning("ignoring host %s: %s", path, exc)
             texts.append("")
     return texts[0], texts[1]
 
 
-def read_rootfs_file(rootfs: Path, name: str) -> str | None:
-    """Read ``/etc/NAME`` of a rootfs without following symlinks; None if absent."""
+def _open_etc(rootfs: Path, create: bool) -> int | None:
+    """A descriptor of ``rootfs/etc``, never through a symlink; None if absent and not created."""
     try:
-        etc = os.open(rootfs / "etc", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=etc)
-    except OSError:
-        return None
-    finally:
-        os.close(etc)
-    with os.fdopen(fd) as f:
-        return f.read()
-
-
-def write_into_rootfs(rootfs: Path, content: EtcContent) -> None:
-    """Write the three files into ``rootfs/etc`` (created if missing), never outside it."""
-    try:
-        root = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY)
+        root = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise UnionfsError(f"cannot open rootfs {rootfs}: {exc.strerror}") from None
     try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir("etc", 0o755, dir_fd=root)
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir("etc", 0o755, dir_fd=root)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            etc = os.open("etc", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+            return os.open("etc", flags, dir_fd=root)
+        except FileNotFoundError:
+            if create:
+                raise UnionfsError(f"{rootfs}/etc vanished while being created") from None
+            return None
         except OSError as exc:
+            # ELOOP (a symlink) or ENOTDIR: following it could lead out of the rootfs.
             raise UnionfsError(f"{rootfs}/etc is not a directory: {exc.strerror}") from None
-        try:
-            for name, text in content.files().items():
-                _write_at(etc, name, text, f"{rootfs}/etc/{name}")
-        finally:
-            os.close(etc)
     finally:
         os.close(root)
 
 
-def _write_at(dir_fd: int, name: str, text: str, shown: str) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+def read_rootfs_file(rootfs: Path, name: str) -> str | None:
+    """Read ``/etc/NAME`` of a rootfs safely (see :func:`read_bounded`); None if absent.
+
+    Raises :class:`UnionfsError` if ``etc`` or the file is not what it should be.
+    """
+    etc = _open_etc(rootfs, create=False)
+    if etc is None:
+        return None
     try:
-        fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+        return read_bounded(etc, name, f"{rootfs}/etc/{name}")
+    except FileNotFoundError:
+        return None
     except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise UnionfsError(f"cannot write {shown}: {exc.strerror}") from None
-        # A symlink (often to /run/...) would lead out of the rootfs: replace it by a file.
-        os.unlink(name, dir_fd=dir_fd)
-        fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+        raise UnionfsError(f"cannot read {rootfs}/etc/{name}: {exc.strerror}") from None
+    finally:
+        os.close(etc)
+
+
+def write_into_rootfs(rootfs: Path, content: EtcContent) -> None:
+    """Replace the three files in ``rootfs/etc`` (created if missing), never writing outside it.
+
+    All three names are checked before any is replaced, so a refusal changes nothing.
+    """
+    files = content.files()
+    for name, text in files.items():
+        if len(text.encode()) > MAX_FILE_SIZE:
+            raise UnionfsError(f"/etc/{name} for the container would exceed {MAX_FILE_SIZE} bytes")
+    etc = _open_etc(rootfs, create=True)
+    assert etc is not None
+    try:
+        for name in files:
+            try:
+                st = os.stat(name, dir_fd=etc, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise UnionfsError(f"cannot check {rootfs}/etc/{name}: {exc.strerror}") from None
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                raise UnionfsError(
+                    f"{rootfs}/etc/{name} is {_kind(st.st_mode)}, not a regular file: "
+                    "refusing to replace it"
+                )
+        for name, text in files.items():
+            _replace_at(etc, name, text.encode(), f"{rootfs}/etc/{name}")
+    finally:
+        os.close(etc)
+
+
+def _replace_at(dir_fd: int, name: str, data: bytes, shown: str) -> None:
+    """Write ``data`` to a new temporary file in ``dir_fd`` and rename it over ``name``."""
+    tmp = f".{name}.unionfs-{secrets.token_hex(4)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+    except OSError as exc:
+        raise UnionfsError(f"cannot write {shown}: {exc.strerror}") from None
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            # The umask may have narrowed 0o644; these files must be world-readable.
+            os.fchmod(fd, 0o644)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise UnionfsError(f"cannot write {shown}: {exc.strerror}") from None
     log.debug("wrote %s", shown)

@@ -49,3 +49,12 @@ def release(run_dir: RunDir, owner: str) -> None:
     kept = {addr: name for addr, name in leases.items() if name != owner}
     if kept != leases:
         run_dir.write_leases(kept)
+
+
+def mac_for(ip: str) -> str:
+    """The container's MAC address for lease ``ip``: ``02:42`` and the address's four bytes.
+
+    Docker's scheme (locally administered, unicast); deriving it from the lease lets the
+    anti-spoofing rules name the MAC without storing it.
+    """
+    return "02:42:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ip).packed)

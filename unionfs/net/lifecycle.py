@@ -28,6 +28,7 @@ from pathlib import Path
 from unionfs.errors import UnionfsError, UsageError
 from unionfs.net import etcfiles, ipam, links, nft, process
 from unionfs.net.config import NetConfig
+from unionfs.net.confinement import Confinement
 from unionfs.net.portspec import ANY_ADDRESS, PortMapping
 from unionfs.net.state import Record, RunDir, is_alive, process_start_time
 
@@ -54,6 +55,7 @@ class RunOptions:
     add_hosts: list[tuple[str, str]] = field(default_factory=list)  # (host, ip)
     env: list[str] = field(default_factory=list)
     detach: bool = False
+    confinement: Confinement = field(default_factory=Confinement)
 
 
 def validate(opts: RunOptions) -> None:
@@ -274,6 +276,7 @@ def create(cfg: NetConfig, opts: RunOptions) -> Created:
         env=build_env(opts, hostname),
         hostname=hostname,
         netns_path=record.netns_path,
+        confinement=opts.confinement,
     )
     return Created(record, spec, sockets)
 
@@ -294,6 +297,7 @@ def _build_network(cfg: NetConfig, record: Record) -> None:
         address=record.ip,
         prefixlen=cfg.subnet.prefixlen,
         gateway=str(cfg.gateway),
+        mac=ipam.mac_for(record.ip),
     )
     nft.apply(cfg, RunDir(cfg).records())
 

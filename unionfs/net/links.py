@@ -137,9 +137,11 @@ def attach_veth(
     address: str,
     prefixlen: int,
     gateway: str,
+    mac: str,
 ) -> None:
     """Create a veth pair: ``host_name`` on ``bridge`` (hairpin on), the peer as ``eth0``
-    holding ``address/prefixlen`` inside ``netns_path`` with a default route via ``gateway``.
+    with MAC ``mac``, holding ``address/prefixlen`` inside ``netns_path`` with a default route
+    via ``gateway``.
     """
     with IPRoute() as ipr:
         bridge_index = ipr.link_lookup(ifname=bridge)[0]
@@ -156,7 +158,7 @@ def attach_veth(
             os.close(fd)
     with IPRoute(netns=str(netns_path), flags=0) as ns:
         index = ns.link_lookup(ifname=peer_name)[0]
-        ns.link("set", index=index, ifname="eth0")
+        ns.link("set", index=index, ifname="eth0", address=mac)
         ns.addr("add", index=index, address=address, prefixlen=prefixlen)
         ns.link("set", index=index, state="up")
         ns.route("add", dst="0.0.0.0/0", gateway=gateway)

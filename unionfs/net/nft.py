@@ -1,8 +1,20 @@
-"""The helper's nftables table (family ``ip``, name ``NetConfig.nft_table``).
+"""The helper's nftables tables: ``ip`` and ``bridge`` families, both named ``NetConfig.nft_table``.
 
-The whole table is rebuilt from the container records and replaced in one ``nft -j -f -``
-transaction (add table, delete table, add table and its chains and rules), so a reader never
-sees half a ruleset.  With no bridge container left, the table is deleted.
+Both tables are rebuilt from the container records and replaced in one ``nft -j -f -``
+transaction (add table, delete table, add table and its chains and rules, for each), so a
+reader never sees half a ruleset.  With no bridge container left, both are deleted; adding
+before deleting makes the teardown idempotent.
+
+Table ``bridge``, chain ``antispoof`` (filter, bridge prerouting, -300): every frame entering
+the bridge from a container's port (its host-side veth) must carry the container's own MAC
+(:func:`unionfs.net.ipam.mac_for` of its lease) as Ethernet source, and be either ARP for
+IPv4 whose sender MAC and IP are the lease's, or IPv4 from the lease's address; anything else
+from that port -- another source address, a foreign MAC, IPv6, VLAN-tagged frames -- is dropped.
+So a container cannot send "from" another container or any other address, nor take over
+another's IP or MAC (the bridge never learns a MAC on the wrong port).  Docker has no such
+rules.
+
+Table ``ip``:
 
 Chains (priorities are the standard named ones):
 
@@ -32,6 +44,7 @@ from typing import Any
 
 from unionfs.errors import UnionfsError
 from unionfs.net.config import NetConfig
+from unionfs.net.ipam import mac_for
 from unionfs.net.portspec import ANY_ADDRESS, PortMapping
 from unionfs.net.state import Record
 
@@ -76,10 +89,17 @@ def build_ruleset(config: NetConfig, records: list[Record]) -> list[Json]:
     """
     family, table = "ip", config.nft_table
     tref = {"family": family, "name": table}
-    commands: list[Json] = [{"add": {"table": tref}}, {"delete": {"table": tref}}]
+    bref = {"family": "bridge", "name": table}
+    commands: list[Json] = [
+        {"add": {"table": tref}},
+        {"delete": {"table": tref}},
+        {"add": {"table": bref}},
+        {"delete": {"table": bref}},
+    ]
     bridged = [r for r in records if r.network == "bridge" and r.ip]
     if not bridged:
         return commands
+    commands += _antispoof_commands(table, bridged)
     commands.append({"add": {"table": tref}})
     chains = {
         "guard": ("filter", "prerouting", -300),
@@ -148,6 +168,41 @@ def build_ruleset(config: NetConfig, records: list[Record]) -> list[Json]:
     )
     rule("forward", [_match(_meta("iifname"), br), {"accept": None}])
     rule("forward", [_match(_meta("oifname"), br), {"accept": None}])
+    return commands
+
+
+def _antispoof_commands(table: str, bridged: list[Record]) -> list[Json]:
+    """The bridge table (see the module doc) for the containers in ``bridged``."""
+    chain: Json = {"family": "bridge", "table": table, "name": "antispoof"}
+    chain.update({"type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"})
+    commands: list[Json] = [
+        {"add": {"table": {"family": "bridge", "name": table}}},
+        {"add": {"chain": chain}},
+    ]
+
+    def rule(expr: list[Json], comment: str) -> None:
+        body = {"family": "bridge", "table": table, "chain": "antispoof", "expr": expr}
+        commands.append({"add": {"rule": {**body, "comment": comment}}})
+
+    for rec in bridged:
+        if rec.veth is None or rec.ip is None:
+            continue
+        port = _match(_meta("iifname"), rec.veth)
+        mac = mac_for(rec.ip)
+        rule([port, _match(_payload("ether", "saddr"), mac, "!="), {"drop": None}], rec.name)
+        rule(
+            [
+                port,
+                _match(_payload("arp", "htype"), 1),
+                _match(_payload("arp", "ptype"), "ip"),
+                _match(_payload("arp", "saddr ether"), mac),
+                _match(_payload("arp", "saddr ip"), rec.ip),
+                {"accept": None},
+            ],
+            rec.name,
+        )
+        rule([port, _match(_payload("ip", "saddr"), rec.ip), {"accept": None}], rec.name)
+        rule([port, {"drop": None}], rec.name)
     return commands
 
 

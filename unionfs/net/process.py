@@ -1,10 +1,19 @@
-"""Forking a container: new mount, UTS, IPC and PID namespaces, pivot_root into the rootfs.
+"""Forking a container: new mount, UTS, IPC, PID and cgroup namespaces, pivot_root into the rootfs.
 
 Two processes are forked.  The *shim* (a child of the caller) unshares the namespaces, joins the
 network namespace, and forks the container's *init*, which becomes PID 1 of the new PID
-namespace, mounts /proc and a small /dev, pivots into the rootfs, detaches the old root (so no
-host mount, in particular no namespace bind mount, stays reachable) and execs the command.  The
-shim waits for init and exits with its status (128+N for signal N), so the caller waits for
+namespace and, in order:
+
+1. prepares the rootfs and pivots into it (``containerfs``), detaching the old root so no host
+   mount, in particular no namespace bind mount, stays reachable; mounts /proc, /sys and a
+   private /dev with Docker's masked and read-only paths;
+2. sets the hostname;
+3. with ``--userns private``, unshares a user namespace and waits for the caller (in the host's
+   namespaces) to write its uid and gid maps, then becomes uid/gid 0 inside it;
+4. sets no_new_privs, installs the seccomp filter and drops capabilities (``confinement``);
+5. execs the command.
+
+The shim waits for init and exits with its status (128+N for signal N), so the caller waits for
 the shim.  Setup errors travel back over a close-on-exec pipe: EOF without data means exec
 succeeded.
 """
@@ -15,18 +24,19 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from unionfs.errors import UnionfsError
+from unionfs.net import confinement, containerfs
 from unionfs.net import syscalls as sc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 EXIT_SETUP_FAILED = 125
 EXIT_NOT_FOUND = 127
 
@@ -48,6 +58,7 @@ class LaunchSpec:
     env: dict[str, str]
     hostname: str
     netns_path: str | None
+    confinement: confinement.Confinement = field(default_factory=confinement.Confinement)
 
 
 @dataclass
@@ -70,49 +81,37 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _setup_dev(dev: Path) -> None:
-    sc.mount("tmpfs", str(dev), "tmpfs", sc.MS_NOSUID, "mode=755,size=64k")
-    for name in DEVICES:
-        source = Path("/dev") / name
-        if not source.exists():
-            continue
-        (dev / name).touch()
-        sc.mount(str(source), str(dev / name), None, sc.MS_BIND, None)
-    for name, target in (
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ):
-        os.symlink(target, dev / name)
-    (dev / "shm").mkdir()
-    (dev / "pts").mkdir()
+def _enter_user_namespace(spec: LaunchSpec, sync: socket.socket) -> None:
+    """Unshare a user namespace, have the caller write its maps, become root inside it."""
+    sc.unshare(sc.CLONE_NEWUSER)
+    sync.sendall(b"U")
+    if sync.recv(1) != b"M":
+        raise OSError(0, "the user namespace's id maps were not written")
+    os.setresgid(0, 0, 0)
+    os.setgroups([])
+    os.setresuid(0, 0, 0)
 
 
-def _init_child(spec: LaunchSpec, err_w: int) -> None:
+def _init_child(spec: LaunchSpec, err_w: int, sync: socket.socket) -> None:
     """Runs as PID 1 of the new PID namespace; never returns."""
     code = EXIT_SETUP_FAILED
     try:
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
-        root = str(spec.rootfs)
-        # Private propagation first: nothing below may leak back into the caller's namespace.
-        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE, None)
-        sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC, None)
-        proc = spec.rootfs / "proc"
-        if not proc.is_dir() or proc.is_symlink():
-            proc.mkdir(mode=0o555)
-        sc.mount("proc", str(proc), "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None)
-        dev = spec.rootfs / "dev"
-        if dev.is_dir() and not dev.is_symlink():
-            _setup_dev(dev)
-        os.chdir(root)
+        conf = spec.confinement
+        host = containerfs.prepare(spec.rootfs)
+        os.chdir(spec.rootfs)
         # pivot_root(".", ".") stacks the old root under the new one; detaching "." then
         # removes it, leaving only the rootfs mounted.
         sc.pivot_root(".", ".")
         sc.umount2(".", sc.MNT_DETACH)
         os.chdir("/")
+        containerfs.populate(conf, host)
         sc.sethostname(spec.hostname)
+        if conf.userns == "private":
+            _enter_user_namespace(spec, sync)
+        sync.close()
+        confinement.apply(conf)
         code = EXIT_NOT_FOUND
         try:
             os.execvpe(spec.command[0], spec.command, spec.env)
@@ -140,12 +139,12 @@ def _close_fds_except(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def _shim(spec: LaunchSpec, err_w: int, pid_w: int) -> None:
+def _shim(spec: LaunchSpec, err_w: int, pid_w: int, sync: socket.socket) -> None:
     """The caller's child: enters namespaces, forks init, waits; never returns."""
     try:
-        _close_fds_except({err_w, pid_w})
+        _close_fds_except({err_w, pid_w, sync.fileno()})
         flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
-        sc.unshare(flags)
+        sc.unshare(flags | sc.CLONE_NEWCGROUP)
         if spec.netns_path is not None:
             fd = os.open(spec.netns_path, os.O_RDONLY | os.O_CLOEXEC)
             sc.setns(fd, sc.CLONE_NEWNET)
@@ -153,7 +152,8 @@ def _shim(spec: LaunchSpec, err_w: int, pid_w: int) -> None:
         init = os.fork()
         if init == 0:
             os.close(pid_w)
-            _init_child(spec, err_w)
+            _init_child(spec, err_w, sync)
+        sync.close()
         os.close(err_w)
         _write_all(pid_w, str(init).encode())
         os.close(pid_w)
@@ -176,19 +176,27 @@ def launch(spec: LaunchSpec) -> Launched:
     """
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    # The caller's end and the container's end of the user-namespace handshake.
+    sync_here, sync_there = socket.socketpair()
     sys.stdout.flush()
     sys.stderr.flush()
     shim = os.fork()
     if shim == 0:
         os.close(err_r)
         os.close(pid_r)
-        _shim(spec, err_w, pid_w)
+        sync_here.close()
+        _shim(spec, err_w, pid_w, sync_there)
     os.close(err_w)
     os.close(pid_w)
+    sync_there.close()
     try:
         raw_pid = _read_all(pid_r)
+        if raw_pid and spec.confinement.userns == "private":
+            _write_id_maps(int(raw_pid), spec.confinement, sync_here)
+        sync_here.close()
         error = _read_all(err_r).decode(errors="replace")
     finally:
+        sync_here.close()
         os.close(pid_r)
         os.close(err_r)
     if error or not raw_pid:
@@ -199,6 +207,29 @@ def launch(spec: LaunchSpec) -> Launched:
     init = int(raw_pid)
     log.debug("container init pid %d (shim %d)", init, shim)
     return Launched(shim=shim, init=init)
+
+
+def _write_id_maps(init: int, conf: confinement.Confinement, sync: socket.socket) -> None:
+    """Answer init's handshake: write its uid and gid maps once it has unshared.
+
+    If init fails before asking, the socket reads EOF and nothing is written; if writing
+    fails, closing the socket unblocks init, which then reports the failure.
+    """
+    if sync.recv(1) != b"U":
+        return
+    mapping = conf.id_mapping
+    assert mapping is not None
+    try:
+        for name, text in (("uid_map", mapping.uid_map()), ("gid_map", mapping.gid_map())):
+            fd = os.open(f"/proc/{init}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        log.warning("cannot map ids of container init %d: %s", init, exc)
+        return
+    sync.sendall(b"M")
 
 
 def check_rootfs(rootfs: Path) -> Path:
