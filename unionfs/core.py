@@ -27,7 +27,7 @@ from unionfs import parallel, whiteout
 from unionfs.config import MountConfig
 from unionfs.dirindex import DirIndex, Listing, build_index, check_opaque
 from unionfs.inodes import ROOT_INO, Node, NodeTable
-from unionfs.layers import LayerStack, open_dir_at
+from unionfs.layers import INO_BITS, LayerStack, open_dir_at
 from unionfs.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,10 @@ def _err(code: int) -> OSError:
 class Attr:
     """What the adapter reports for an object: its layer stat and the numbers we show."""
 
-    ino: int
+    ino: int  # the node id
     st: os.stat_result
     nlink: int
+    st_ino: int  # the number stat shows
 
 
 class FileHandle:
@@ -92,6 +93,11 @@ class UnionCore:
         self.stats = Stats(len(self.stack))
         self.writable = cfg.writable
         self.origin_xattr = whiteout.ORIGIN_XATTRS[1 if cfg.userxattr else 0]
+        self.old_origin_xattr = whiteout.OLD_ORIGIN_XATTRS[1 if cfg.userxattr else 0]
+        # Lower filesystems origin handles are decoded on: (st_dev, root fd, layer roots), by
+        # uuid; built on first use. False once open_by_handle_at was refused (no privilege).
+        self._origin_fs: dict[bytes, list[tuple[int, int, list[bytes]]]] | None = None
+        self._origin_decode = True
         self.opaque_xattr = whiteout.OPAQUE_XATTRS[1 if cfg.userxattr else 0]
         self.file_handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
@@ -232,11 +238,136 @@ class UnionCore:
             raise failure
         return layers[:keep], opened, listings
 
-    def read_origin(self, dir_fd: int, name: bytes) -> int | None:
-        raw = whiteout.getxattr_at(dir_fd, name, self.origin_xattr)
-        if raw is not None and len(raw) == 8:
-            return int(struct.unpack("<Q", raw)[0])
+    def read_origin(
+        self,
+        dir_fd: int,
+        name: bytes,
+        parent: Node | None = None,
+        st: os.stat_result | None = None,
+        layers: tuple[int, ...] | None = None,
+    ) -> int | None:
+        """The inode number the upper object ``name`` in ``dir_fd`` shows instead of its own
+        (the number of the object it was copied up from), or None: its own number.
+
+        Follows the kernel with ``index=off``. A non-directory shows the number of the lower
+        object its ``overlay.origin`` handle names, if that decodes (which needs
+        CAP_DAC_READ_SEARCH) to an object of the same type on a lower layer's filesystem; an
+        upper written by older unionfs versions gives the number its ``*.unionfs.origin``
+        recorded, if that names a lower layer's filesystem. A directory, given the chain
+        ``layers`` it resolved to, shows the number of the topmost lower directory of that
+        chain (its origin xattr is not used, as in the kernel); without ``layers`` its origin
+        xattr is decoded as for a non-directory (whether it records a copy-up at all).
+
+        ``st`` is the object's stat (taken when not given); ``parent`` its parent node, needed
+        with ``layers``. A bad value never raises: it is ignored. The number only says what
+        ``st_ino`` shows: :meth:`node_for` decides which node the object is, so a forged origin
+        can make two objects show one number (as in the kernel) but never share a node.
+        """
+        if st is None:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                return None
+        ino: int | None = None
+        if stat.S_ISDIR(st.st_mode) and layers is not None:
+            if len(layers) > 1 and parent is not None:
+                try:
+                    lst = os.stat(
+                        name, dir_fd=self.table.dir_fd(parent, layers[1]), follow_symlinks=False
+                    )
+                except OSError:
+                    return None
+                if stat.S_ISDIR(lst.st_mode):
+                    ino = self.stack.natural_ino(lst.st_dev, lst.st_ino)
+        else:
+            ino = self._origin_xattr_ino(dir_fd, name, st)
+        return ino
+
+    def _origin_xattr_ino(self, dir_fd: int, name: bytes, st: os.stat_result) -> int | None:
+        """The number an origin xattr of the upper object ``name`` (stat ``st``) names."""
+        try:
+            names = os.listxattr(whiteout.at_path(dir_fd, name), follow_symlinks=False)
+        except OSError:
+            return None
+        if os.fsdecode(self.origin_xattr) in names:
+            raw = whiteout.getxattr_at(dir_fd, name, self.origin_xattr)
+            return None if raw is None else self._decode_origin(raw, st)
+        if os.fsdecode(self.old_origin_xattr) in names:
+            raw = whiteout.getxattr_at(dir_fd, name, self.old_origin_xattr)
+            if raw is None or len(raw) != 8:
+                return None
+            ino = int(struct.unpack("<Q", raw)[0])
+            # Only a number unionfs gives a lower object: its filesystem part names a lower
+            # layer's filesystem (never 0, as the root's number 1 has, nor the private range).
+            lower_fsids = {layer.fsid for layer in self.stack.layers if not layer.is_upper}
+            if ino >> INO_BITS in lower_fsids:
+                return ino
         return None
+
+    def _decode_origin(self, raw: bytes, st: os.stat_result) -> int | None:
+        """The number of the lower object the ``ovl_fb`` handle ``raw`` names, validated."""
+        decoded = whiteout.decode_origin(raw)
+        if decoded is None or not self._origin_decode:
+            return None
+        uuid, htype, fid = decoded
+        for dev, mount_fd, roots in self._origin_filesystems().get(uuid, ()):
+            try:
+                fd = whiteout.open_origin(mount_fd, htype, fid)
+            except OSError as exc:
+                if exc.errno == errno.EPERM:
+                    # Decoding needs CAP_DAC_READ_SEARCH: without it, objects show their own
+                    # numbers, as in the kernel when it cannot follow an origin.
+                    self._origin_decode = False
+                    return None
+                continue  # ESTALE (names nothing here), EINVAL (not a valid handle), ...
+            try:
+                ost = os.fstat(fd)
+                if ost.st_dev != dev or stat.S_IFMT(ost.st_mode) != stat.S_IFMT(st.st_mode):
+                    return None
+                if stat.S_ISDIR(ost.st_mode):
+                    # As the kernel's ovl_acceptable: a directory must be a live one inside a
+                    # lower layer (a non-directory may be anywhere on its filesystem).
+                    path = os.readlink(f"/proc/self/fd/{fd}".encode())
+                    if ost.st_nlink == 0 or not any(
+                        path == r or path.startswith(r.rstrip(b"/") + b"/") for r in roots
+                    ):
+                        return None
+            finally:
+                os.close(fd)
+            return self.stack.natural_ino(ost.st_dev, ost.st_ino)
+        return None
+
+    def _origin_filesystems(self) -> dict[bytes, list[tuple[int, int, list[bytes]]]]:
+        """The lower filesystems an origin handle may be decoded on, by uuid, in layer order.
+
+        As in the kernel, a uuid shared by several lower filesystems is unusable, except for
+        the upper's own filesystem (all layers on one filesystem). Unlike the kernel, a null
+        uuid is accepted when it is unique: copied-up objects keep their numbers across a
+        remount there too (the kernel only follows such origins with index or xino on).
+        """
+        if self._origin_fs is not None:
+            return self._origin_fs
+        upper_dev = os.fstat(self.stack[UPPER].root_fd).st_dev if self.stack.has_upper else -1
+        by_dev: dict[int, tuple[bytes, int, list[bytes]]] = {}
+        for layer in self.stack.layers:
+            if layer.is_upper:
+                continue
+            fd = layer.root_fd
+            dev = os.fstat(fd).st_dev
+            root = os.readlink(f"/proc/self/fd/{fd}".encode())
+            if dev in by_dev:
+                by_dev[dev][2].append(root)
+            else:
+                by_dev[dev] = (whiteout.fs_uuid(fd), fd, [root])
+        count: dict[bytes, int] = {}
+        for uuid, _, _ in by_dev.values():
+            count[uuid] = count.get(uuid, 0) + 1
+        table: dict[bytes, list[tuple[int, int, list[bytes]]]] = {}
+        for dev, (uuid, fd, roots) in by_dev.items():
+            if count[uuid] == 1 or dev == upper_dev:
+                table.setdefault(uuid, []).append((dev, fd, roots))
+        self._origin_fs = table
+        return table
 
     # -- resolution ---------------------------------------------------------------------
 
@@ -269,7 +400,7 @@ class UnionCore:
             return None
         origin = None
         if top == UPPER and self.stack.has_upper:
-            origin = self.read_origin(pfd, name)
+            origin = self.read_origin(pfd, name, parent, st, layers)
         node = self.node_for(parent, name, is_dir, layers, st, origin)
         if opened:
             for layer, fd in opened.items():
@@ -293,17 +424,26 @@ class UnionCore:
         st: os.stat_result,
         origin: int | None = None,
     ) -> Node:
-        """The node for the object ``st`` found at ``name`` in ``parent`` (not counted)."""
-        ino = origin
-        if ino is None:
-            ino = self.stack.reused_ino(st.st_dev, st.st_ino) or self.stack.natural_ino(
-                st.st_dev, st.st_ino
-            )
+        """The node for the object ``st`` found at ``name`` in ``parent`` (not counted).
+
+        The number shown is the origin's, else the object's own. The node id is that number,
+        except for a name of a lower hard link (the kernel without ``index=on`` makes every
+        name its own inode, one st_ino for all) and for an object whose number already names
+        a live node of another object (the layer filesystem reused the number of an object
+        removed through the mount, or a copy-up left two objects with one origin).
+        """
+        obj = (st.st_dev, st.st_ino)
+        shown = origin if origin is not None else self.stack.natural_ino(*obj)
+        lower = layers[0] != UPPER or not self.stack.has_upper
+        if not is_dir and lower and st.st_nlink > 1:
+            ino = self.table.private_id(("name", obj, parent.ino, name))
+        else:
+            ino = self.table.known_id(("obj", obj)) or shown
         node = self.table.nodes.get(ino)
-        if node is not None and (node.removed or node.is_dir != is_dir):
-            # The number belongs to an object removed through the mount (the kernel may still
-            # hold it) -- the layer filesystem reused it. Give this object its own number.
-            ino = self.stack.synthetic_ino(st.st_dev, st.st_ino, fresh=True)
+        if node is not None and (
+            node.removed or node.is_dir != is_dir or (not is_dir and node.obj != obj)
+        ):
+            ino = self.table.private_id(("obj", obj), fresh=True)
             node = None
         if node is None:
             node = Node(ino, parent, name, is_dir, layers)
@@ -312,9 +452,23 @@ class UnionCore:
                 node.index = None
                 node.listings = None
             node.parent, node.name, node.layers = parent, name, layers
-        if not is_dir and st.st_nlink > 1:
+        node.st_ino, node.obj = shown, obj
+        if not is_dir and not lower and st.st_nlink > 1:
             self._note_alias(node, parent, name)
         return node
+
+    def moved_up(self, node: Node, st: os.stat_result, origin: bool) -> None:
+        """``node`` now lives in the upper as the object ``st`` (a copy-up).
+
+        Without an origin the number shown becomes the copy's own, as in the kernel; the
+        node keeps its id while the kernel holds it, and a later lookup of the copy finds it.
+        """
+        obj = (st.st_dev, st.st_ino)
+        node.obj = obj
+        if not origin:
+            node.st_ino = self.stack.natural_ino(*obj)
+        if node.ino != node.st_ino:
+            self.table.bind_id(("obj", obj), node.ino)
 
     def resolve_cached(self, parent: Node, name: bytes) -> Node | None:
         """The node for ``name`` if it is a lower object whose reply the adapter holds.
@@ -419,9 +573,11 @@ class UnionCore:
         if node.is_dir and len(node.layers) > 1:
             # The kernel reports 1 for merged directories rather than counting subdirectories.
             nlink = 1
-        return Attr(node.ino, st, nlink)
+        return Attr(node.ino, st, nlink, node.st_ino)
 
     def attr(self, node: Node) -> Attr:
+        if node.pinned >= 0:
+            return self._attr(node, os.fstat(node.pinned))
         try:
             st = self.lstat_in(node, node.layer)
         except FileNotFoundError:
@@ -483,8 +639,11 @@ class UnionCore:
         """:meth:`open_in_layer`, also returning the stat of the file that was opened."""
         if node.parent is None:
             raise _err(errno.EISDIR)
-        pfd = self.parent_fd(node, layer)
-        path_fd = os.open(node.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        if node.pinned >= 0 and layer == node.layer:
+            path_fd = os.dup(node.pinned)  # its names are gone: the object itself
+        else:
+            pfd = self.parent_fd(node, layer)
+            path_fd = os.open(node.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
             st = os.fstat(path_fd)
             if stat.S_ISDIR(st.st_mode):
@@ -513,9 +672,23 @@ class UnionCore:
             fd = -1
         else:
             fd = self.open_in_layer(node, node.layer, flags)
+        return self.add_handle(fd, node, node.layer, flags)
+
+    def add_handle(self, fd: int, node: Node, layer: int, flags: int) -> int:
+        """Register an open file of ``node`` (``fd`` -1: opened at the first read)."""
         fh = self._new_fh()
-        self.file_handles[fh] = FileHandle(fd, node, node.layer, flags)
+        self.file_handles[fh] = FileHandle(fd, node, layer, flags)
+        node.opened += 1
         return fh
+
+    def pin(self, node: Node) -> None:
+        """Keep ``node``'s object reachable before its last name goes, if it is open."""
+        if node.opened and node.pinned < 0 and node.parent is not None:
+            node.pinned = os.open(
+                node.name,
+                os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=self.parent_fd(node, node.layer),
+            )
 
     def file_handle(self, fh: int) -> FileHandle:
         handle = self.file_handles.get(fh)
@@ -540,8 +713,15 @@ class UnionCore:
 
     def release(self, fh: int) -> None:
         handle = self.file_handles.pop(fh, None)
-        if handle is not None and handle.fd >= 0:
+        if handle is None:
+            return
+        if handle.fd >= 0:
             os.close(handle.fd)
+        node = handle.node
+        node.opened -= 1
+        if not node.opened and node.pinned >= 0:
+            os.close(node.pinned)
+            node.pinned = -1
 
     # -- xattrs and statfs --------------------------------------------------------------
 
@@ -551,9 +731,13 @@ class UnionCore:
         return whiteout.at_path(self.parent_fd(node, node.layer), node.name)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        """The value of ``name`` on ``ino``; a name of the mount's own overlay namespace is
+        read escaped (:func:`whiteout.xattr_layer_name`), reserved names are not there."""
         node = self.node(ino)
-        if whiteout.is_internal_xattr(name):
+        stored = whiteout.xattr_layer_name(name, self.cfg.userxattr)
+        if stored is None:
             raise _err(errno.ENODATA)
+        name = stored
         target = self._xattr_path(node)
         if isinstance(target, int):
             return os.getxattr(target, name)
@@ -568,9 +752,9 @@ class UnionCore:
             names = os.listxattr(target, follow_symlinks=False)
         out = []
         for n in names:
-            b = os.fsencode(n)
-            if not whiteout.is_internal_xattr(b):
-                out.append(b)
+            shown = whiteout.xattr_mount_name(os.fsencode(n), self.cfg.userxattr)
+            if shown is not None:
+                out.append(shown)
         return out
 
     def statfs(self) -> os.statvfs_result:

@@ -131,11 +131,25 @@ def classify_at(dir_fd: int, name: bytes, detail: bool = False) -> str | None:
         ):
             return "whiteout (xattr)" if detail else "whiteout"
         return "other"
-    try:
-        os.stat(whiteout.OCI_WHITEOUT_PREFIX + name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
+    if not oci_marker_exists(dir_fd, name):
         return None
     return "whiteout (.wh.)" if detail else "whiteout"
+
+
+def oci_marker_exists(dir_fd: int, name: bytes) -> bool:
+    """Whether the layer directory ``dir_fd`` holds a ``.wh.<name>`` marker.
+
+    A name of more than 251 bytes can have no marker (it would exceed NAME_MAX): such a
+    name must still work everywhere, so the probe answers "no" instead of ENAMETOOLONG.
+    """
+    marker = whiteout.OCI_WHITEOUT_PREFIX + name
+    if len(marker) > 255:
+        return False
+    try:
+        os.stat(marker, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _listing(fd: int) -> Listing:

@@ -24,6 +24,9 @@ from unionfs.writes import UnionFS
 
 log = logging.getLogger(__name__)
 
+# A node id apart from st_ino needs pyfuse3 3.5.0+unionfs.2 (third_party/pyfuse3).
+HAVE_NODE_ID = hasattr(pyfuse3.EntryAttributes(), "node_id")
+
 T = TypeVar("T")
 P = ParamSpec("P")
 Ops = TypeVar("Ops", bound="Operations")
@@ -86,7 +89,6 @@ class Operations(pyfuse3.Operations):
     # from the noacl option.
     enable_acl = True
 
-
     def __init__(self, fs: UnionFS, timeout: float, debug: bool = False) -> None:
         super().__init__()
         self.fs = fs
@@ -115,7 +117,13 @@ class Operations(pyfuse3.Operations):
     def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         st = attr.st
         e = pyfuse3.EntryAttributes()
-        e.st_ino = attr.ino
+        if attr.ino == attr.st_ino:
+            e.st_ino = attr.ino
+        elif HAVE_NODE_ID:
+            e.st_ino = attr.st_ino
+            e.node_id = attr.ino
+        else:
+            e.st_ino = attr.ino  # stock pyfuse3: the node id is all stat can show
         e.generation = 0
         e.entry_timeout = self.timeout
         e.attr_timeout = self.timeout

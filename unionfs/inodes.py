@@ -25,6 +25,9 @@ from unionfs.layers import LayerStack, open_dir_at
 log = logging.getLogger(__name__)
 
 ROOT_INO = 1
+# Node ids that are not inode numbers come from this range (the high 16 bits below the
+# layers' own private range), so they never equal a number a layer object can show.
+PRIVATE_ID_BASE = 0xFFFE << 48
 
 
 class Node:
@@ -32,6 +35,8 @@ class Node:
 
     __slots__ = (
         "ino",
+        "st_ino",
+        "obj",
         "lookups",
         "parent",
         "name",
@@ -41,6 +46,8 @@ class Node:
         "fds",
         "listings",
         "removed",
+        "opened",
+        "pinned",
         "generation",
         "immutable",
         "fuse_entry",
@@ -55,7 +62,13 @@ class Node:
         is_dir: bool,
         layers: tuple[int, ...],
     ) -> None:
+        # ``ino`` is the FUSE node id (one kernel inode); ``st_ino`` the number stat shows.
+        # They differ where the kernel's overlayfs has separate inodes with one st_ino (the
+        # names of a lower hard link), or where a number had to be replaced while the kernel
+        # may hold it. ``obj`` is (st_dev, st_ino) of the layer object the node serves.
         self.ino = ino
+        self.st_ino = ino
+        self.obj: tuple[int, int] = (0, 0)
         self.lookups = 0
         self.parent = parent
         self.name = name
@@ -67,6 +80,11 @@ class Node:
         # opaque layer; the index build takes them instead of reading those layers again.
         self.listings: dict[int, list[tuple[bytes, bool, bool]]] | None = None
         self.removed = False
+        # Open file handles of this object, and an O_PATH descriptor of it taken when its
+        # last name went away while handles were open: those handles keep working (fstat,
+        # read, write, fchmod ...) on the object itself, as on any POSIX filesystem.
+        self.opened = 0
+        self.pinned = -1
         self.generation = 0
         # An object served from a lower layer never changes (lowers are read-only): the
         # adapter keeps its ready-made reply in ``fuse_entry`` (a compact C struct, where an
@@ -105,6 +123,9 @@ class NodeTable:
         self.nodes: dict[int, Node] = {}
         self.max_dir_fds = max_dir_fds
         self._fd_lru: collections.OrderedDict[tuple[int, int], Node] = collections.OrderedDict()
+        # Node ids handed out for keys that are not inode numbers (see ``private_id``).
+        self._private: dict[tuple[object, ...], int] = {}
+        self._next_private = PRIVATE_ID_BASE + 1
         root = Node(ROOT_INO, None, b"", True, tuple(range(len(stack))))
         root.lookups = 1
         self.root = root
@@ -117,6 +138,26 @@ class NodeTable:
         if node is None:
             raise KeyError(ino)
         return node
+
+    def private_id(self, key: tuple[object, ...], fresh: bool = False) -> int:
+        """A node id from the private range, the same each time for the same ``key``.
+
+        ``fresh`` gives the key a new id (its old one names a node the kernel may still hold).
+        """
+        ino = self._private.get(key)
+        if ino is None or fresh:
+            ino = self._next_private
+            self._next_private += 1
+            self._private[key] = ino
+        return ino
+
+    def bind_id(self, key: tuple[object, ...], ino: int) -> None:
+        """Make ``ino`` the node id of ``key`` from now on (a node that moved to it)."""
+        self._private[key] = ino
+
+    def known_id(self, key: tuple[object, ...]) -> int | None:
+        """The private node id given to ``key``, if any."""
+        return self._private.get(key)
 
     def remember(self, node: Node) -> Node:
         """Count one lookup of ``node``; insert it if it is not live yet. Returns the live node."""
@@ -186,6 +227,9 @@ class NodeTable:
             os.close(fd)
 
     def close_fds(self, node: Node) -> None:
+        if node.pinned >= 0 and not node.opened:
+            os.close(node.pinned)
+            node.pinned = -1
         if node.fds:
             for layer, fd in node.fds.items():
                 self._fd_lru.pop((id(node), layer), None)

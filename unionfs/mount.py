@@ -180,6 +180,10 @@ def serve(cfg: MountConfig, ready_fd: int = -1) -> int:
     for w in cfg.warnings:
         log.warning("%s", w)
     _report(ready_fd, "ok")
+    # The kernel has already applied the caller's umask to every mode it sends (FUSE without
+    # FUSE_CAP_DONT_MASK); the daemon's own umask must not mask it a second time. Set after
+    # the state file is written, which must not become world-writable.
+    os.umask(0)
     try:
         trio.run(_serve_loop, ops, cfg)
     finally:

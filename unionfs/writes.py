@@ -27,8 +27,8 @@ import trio
 
 from unionfs import copyup, whiteout
 from unionfs.config import MountConfig
-from unionfs.core import UPPER, Attr, FileHandle, UnionCore, _err
-from unionfs.dirindex import classify_at
+from unionfs.core import UPPER, Attr, UnionCore, _err
+from unionfs.dirindex import classify_at, oci_marker_exists
 from unionfs.inodes import Node
 from unionfs.layers import open_dir_at
 from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
@@ -36,6 +36,9 @@ from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, ren
 log = logging.getLogger(__name__)
 
 BIG_COPY = 1 << 20  # copy-ups at least this large run in a worker thread
+# The kernel marks an upper directory "impure" once it may hold an entry with an origin (a
+# copy-up in it, or such an entry moved in), so its readdir knows to look origins up.
+IMPURE_XATTRS = (b"trusted.overlay.impure", b"user.overlay.impure")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,8 @@ class UnionFS(UnionCore):
         # Set by the adapter: drops the kernel's cached attributes of an inode.
         self.attr_changed: Callable[[int], Awaitable[None]] | None = None
         self.limiter = trio.CapacityLimiter(4)
+        self.impure_xattr = IMPURE_XATTRS[1 if cfg.userxattr else 0]
+        self._impure: set[int] = set()  # directory nodes known to carry the mark
         if cfg.upper is not None and cfg.workdir is not None:
             self._open_workdir(cfg.workdir, cfg.read_only)
 
@@ -153,6 +158,7 @@ class UnionFS(UnionCore):
             tmp_fd = open_dir_at(self.work_fd, tmp)
             try:
                 self._copy_meta(lower_fd, tmp_fd, st, node.ino)
+                upper_st = os.fstat(tmp_fd)
             finally:
                 os.close(tmp_fd)
             parent_times = os.fstat(parent_fd)
@@ -160,13 +166,23 @@ class UnionFS(UnionCore):
         except BaseException:
             copyup.remove_tree_at(self.work_fd, tmp)
             raise
+        self._mark_impure(node.parent, parent_fd)
         self._restore_times(parent_fd, parent_times)
         node.layers = (UPPER,) + node.layers
         node.drop_attr_cache()
+        self.moved_up(node, upper_st, origin=True)
         self._index_set(node.parent, node.name, True, node.layers)
         self.stats.copy_ups += 1
         self.stats.event("copy-up", path=node.path().decode(errors="replace"), size=0, type="dir")
         return self.table.dir_fd(node, UPPER)
+
+    def _mark_impure(self, parent: Node, pfd: int) -> None:
+        """Mark ``parent``'s upper directory (open as ``pfd``) impure, as the kernel does."""
+        if parent.ino in self._impure:
+            return
+        if whiteout.fd_getxattr(pfd, self.impure_xattr) is None:
+            os.setxattr(pfd, self.impure_xattr, b"y")
+        self._impure.add(parent.ino)
 
     def _copy_meta(
         self, src: int, dst: int, st: os.stat_result, ino: int, change: Change = _NO_CHANGE
@@ -176,7 +192,10 @@ class UnionFS(UnionCore):
             os.fchown(dst, st.st_uid, st.st_gid)
         os.fchmod(dst, stat.S_IMODE(st.st_mode if change.mode is None else change.mode))
         copyup.copy_xattrs(src, dst)
-        copyup.set_origin(dst, self.origin_xattr, ino)
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+            # The kernel (index=off) records no origin for a copy-up that breaks a lower hard
+            # link: the copy is a new inode from then on.
+            copyup.set_origin(dst, self.origin_xattr, whiteout.encode_origin(src))
         os.utime(
             dst,
             ns=(
@@ -266,6 +285,7 @@ class UnionFS(UnionCore):
                         self._copy_meta(src, dst, st, node.ino, change)
                         if self.cfg.fsync:
                             os.fsync(dst)
+                        upper_st = os.fstat(dst)
                     finally:
                         os.close(dst)
                 finally:
@@ -282,14 +302,17 @@ class UnionFS(UnionCore):
                 if not stat.S_ISLNK(st.st_mode):
                     self._chmod_at(work_fd, tmp, stat.S_IMODE(st.st_mode))
                 copyup.copy_xattrs(src_path, dst_path)
-                if not stat.S_ISLNK(st.st_mode) or not self.cfg.userxattr:
-                    copyup.set_origin(dst_path, self.origin_xattr, node.ino)
+                # user.* xattrs cannot be set on symlinks; no origin for a broken hard link.
+                if (not stat.S_ISLNK(st.st_mode) or not self.cfg.userxattr) and st.st_nlink == 1:
+                    origin = whiteout.encode_origin(lower_pfd, node.name)
+                    copyup.set_origin(dst_path, self.origin_xattr, origin)
                 os.utime(
                     tmp,
                     ns=(st.st_atime_ns, st.st_mtime_ns),
                     dir_fd=work_fd,
                     follow_symlinks=False,
                 )
+                upper_st = os.stat(tmp, dir_fd=work_fd, follow_symlinks=False)
             if node.layers[0] == UPPER or node.parent is not parent:
                 raise _err(errno.EAGAIN)  # moved or copied while we worked; caller retries
             parent_times = os.fstat(parent_fd)
@@ -297,9 +320,12 @@ class UnionFS(UnionCore):
         except BaseException:
             copyup.remove_tree_at(work_fd, tmp)
             raise
+        self._mark_impure(parent, parent_fd)
         self._restore_times(parent_fd, parent_times)
         node.layers = (UPPER,)
         node.drop_attr_cache()
+        # A copy that breaks a lower hard link gets no origin (see _copy_meta).
+        self.moved_up(node, upper_st, origin=st.st_nlink == 1)
         self._index_set(parent, node.name, False, node.layers)
         elapsed = time.monotonic() - started
         self.stats.copy_ups += 1
@@ -313,8 +339,8 @@ class UnionFS(UnionCore):
             seconds=round(elapsed, 6),
         )
         if st.st_nlink > 1 and self.attr_changed is not None:
-            # The copy breaks a lower hard link (as in the kernel): the link count the
-            # kernel cached at lookup is no longer true.
+            # The copy breaks a lower hard link, as in the kernel: this name is a new inode
+            # whose number and link count are the copy's, not those the kernel cached.
             await self.attr_changed(node.ino)
         return regular
 
@@ -356,11 +382,7 @@ class UnionFS(UnionCore):
             return "whiteout"
         except FileNotFoundError:
             pass
-        try:
-            os.stat(whiteout.OCI_WHITEOUT_PREFIX + name, dir_fd=pfd, follow_symlinks=False)
-            return "oci"
-        except FileNotFoundError:
-            return None
+        return "oci" if oci_marker_exists(pfd, name) else None
 
     def _make_whiteout(self, pfd: int, name: bytes) -> None:
         whiteout.make_whiteout(pfd, name, oci_fallback=self.oci_whiteouts)
@@ -499,9 +521,7 @@ class UnionFS(UnionCore):
 
         node, st, fd = await self._new_entry(parent_ino, name, "file", make, uid, gid)
         assert fd is not None
-        fh = self._new_fh()
-        self.file_handles[fh] = FileHandle(fd, node, UPPER, flags)
-        return fh, self._attr(node, st)
+        return self.add_handle(fd, node, UPPER, flags), self._attr(node, st)
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         def make(dir_fd: int, n: bytes) -> None:
@@ -513,6 +533,11 @@ class UnionFS(UnionCore):
     async def mknod(
         self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
     ) -> Attr:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # A char 0/0 device is a whiteout in the upper: like the kernel, never let a
+            # user create one through the mount.
+            raise _err(errno.EPERM)
+
         def make(dir_fd: int, n: bytes) -> None:
             os.mknod(n, mode, rdev, dir_fd=dir_fd)
 
@@ -545,6 +570,9 @@ class UnionFS(UnionCore):
         linked, st, _ = await self._new_entry(
             new_parent_ino, new_name, "link", make, st.st_uid, st.st_gid
         )
+        new_parent = self.node(new_parent_ino)
+        # A link to an object with an origin makes its parent impure (same dir or not).
+        self._mark_moved_in(node.parent, new_parent, self.upper_dir_fd(new_parent), new_name, True)
         return self._attr(linked, st)
 
     # -- opening and writing ------------------------------------------------------------
@@ -561,10 +589,17 @@ class UnionFS(UnionCore):
         await self.copy_up(node, _TRUNCATE if truncate else None)
         fd = self.open_in_layer(node, UPPER, flags & ~os.O_APPEND)
         if truncate:
-            os.ftruncate(fd, 0)
-        fh = self._new_fh()
-        self.file_handles[fh] = FileHandle(fd, node, UPPER, flags)
-        return fh
+            if flags & os.O_ACCMODE == os.O_RDONLY:
+                # O_RDONLY|O_TRUNC truncates on Linux (the caller was checked for write
+                # permission): through a write descriptor, the handle itself stays read-only.
+                wfd = self.open_in_layer(node, UPPER, os.O_WRONLY)
+                try:
+                    os.ftruncate(wfd, 0)
+                finally:
+                    os.close(wfd)
+            else:
+                os.ftruncate(fd, 0)
+        return self.add_handle(fd, node, UPPER, flags)
 
     def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.file_handle(fh)
@@ -610,12 +645,40 @@ class UnionFS(UnionCore):
                 change = Change(mode=mode, atime_ns=atime_ns, mtime_ns=mtime_ns, size=size)
             if await self.copy_up(node, change):
                 return self.attr(node)
+        own_fd = -1
         if node.parent is None:
             target: bytes | int = self.stack[UPPER].root_fd
+            pfd, name = -1, b""
+        elif node.pinned >= 0:
+            # Every name is gone but a handle is open (fchmod, futimens ... on it).
+            own_fd = target = os.open(f"/proc/self/fd/{node.pinned}", os.O_RDONLY | os.O_CLOEXEC)
             pfd, name = -1, b""
         else:
             pfd, name = self.upper_dir_fd(node.parent), node.name
             target = name
+        try:
+            self._set_attrs(node, fh, target, pfd, name, mode, uid, gid, size, atime_ns, mtime_ns)
+        finally:
+            if own_fd >= 0:
+                os.close(own_fd)
+        return self.attr(node)
+
+    def _set_attrs(
+        self,
+        node: Node,
+        fh: int | None,
+        target: bytes | int,
+        pfd: int,
+        name: bytes,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        size: int | None,
+        atime_ns: int | None,
+        mtime_ns: int | None,
+    ) -> None:
+        """The changes of :meth:`setattr` on the upper object ``target`` (an fd or ``name``
+        in ``pfd``)."""
         if size is not None:
             handle = self.file_handles.get(fh) if fh is not None else None
             if handle is not None and handle.writable and handle.layer == UPPER:
@@ -640,18 +703,21 @@ class UnionFS(UnionCore):
                 self._chmod_at(pfd, name, stat.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
-                cur = self.lstat_in(node, UPPER)
+                cur = os.fstat(target) if isinstance(target, int) else self.lstat_in(node, UPPER)
                 atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
             if isinstance(target, int):
                 os.utime(target, ns=(atime_ns, mtime_ns))
             else:
                 os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
-        return self.attr(node)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        if whiteout.is_internal_xattr(name):
+        """Set ``name`` on ``ino`` after a copy-up; a name of the mount's own overlay
+        namespace is stored escaped (:func:`whiteout.xattr_layer_name`), as the kernel does."""
+        stored = whiteout.xattr_layer_name(name, self.cfg.userxattr)
+        if stored is None:
             raise _err(errno.EPERM)
+        name = stored
         node = self.node(ino)
         self._check_writable()
         await self.copy_up(node)
@@ -662,13 +728,16 @@ class UnionFS(UnionCore):
             os.setxattr(target, name, value, follow_symlinks=False)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        if whiteout.is_internal_xattr(name):
+        """Remove ``name`` (escaped like :meth:`setxattr`) from ``ino`` after a copy-up."""
+        stored = whiteout.xattr_layer_name(name, self.cfg.userxattr)
+        if stored is None:
             raise _err(errno.ENODATA)
         node = self.node(ino)
         self._check_writable()
         if node.layers[0] != UPPER:
             self.getxattr(ino, name)  # ENODATA without a copy-up, as the kernel does
             await self.copy_up(node)
+        name = stored
         target = self._xattr_path(node)
         if isinstance(target, int):
             os.removexattr(target, name)
@@ -731,6 +800,8 @@ class UnionFS(UnionCore):
 
     def _remove(self, parent: Node, name: bytes, node: Node, st: os.stat_result) -> None:
         """Remove ``name`` from the merged view, leaving a whiteout where a lower has it."""
+        if not node.is_dir:
+            self.pin(node)
         if node.layers[0] != UPPER:
             pfd = self.upper_dir_fd(parent)
             self._make_whiteout(pfd, name)
@@ -821,6 +892,8 @@ class UnionFS(UnionCore):
         # An empty merged or lower destination directory is simply replaced: the moved
         # directory is made opaque below, so nothing of the old one shows through.
         await self.copy_up(src)
+        if dst is not None and not dst.is_dir:
+            self.pin(dst)
         old_pfd = self.upper_dir_fd(old_parent)
         new_pfd = self.upper_dir_fd(new_parent)
         old_positive = old_parent.layers != (UPPER,) and self.lower_positive(old_parent, old_name)
@@ -848,6 +921,7 @@ class UnionFS(UnionCore):
             self._replace(old_pfd, old_name, new_pfd, new_name, dst)
         if drop_marker:
             os.unlink(whiteout.OCI_WHITEOUT_PREFIX + new_name, dir_fd=new_pfd)
+        self._mark_moved_in(old_parent, new_parent, new_pfd, new_name)
         if dst is not None:
             # Only an object whose last name went away can have its number reused.
             dst.removed = dst.layers[0] == UPPER and (dst.is_dir or dst_links <= 1)
@@ -859,6 +933,16 @@ class UnionFS(UnionCore):
             dst_st = dst_found[1]
             self.drop_alias(dst, new_parent, new_name, (dst_st.st_dev, dst_st.st_ino))
         self.move_alias(src, old_parent, old_name, new_parent, new_name)
+
+    def _mark_moved_in(
+        self, source: Node, into: Node, pfd: int, name: bytes, linked: bool = False
+    ) -> None:
+        """After ``name`` moved (or was ``linked``) from ``source`` into ``into`` (upper dir
+        ``pfd``): an object with an origin makes its new parent impure, as in the kernel."""
+        if (linked or source is not into) and whiteout.getxattr_at(
+            pfd, name, self.origin_xattr
+        ) is not None:
+            self._mark_impure(into, pfd)
 
     def _make_opaque(self, node: Node) -> None:
         """Mark ``node``'s upper directory opaque, unless it already is."""
@@ -927,6 +1011,8 @@ class UnionFS(UnionCore):
             if node.is_dir and into.layers != (UPPER,):
                 self._make_opaque(node)
         renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
+        self._mark_moved_in(old_parent, new_parent, new_pfd, new_name)
+        self._mark_moved_in(new_parent, old_parent, old_pfd, old_name)
         self._index_set(old_parent, old_name, dst.is_dir, (UPPER,))
         self._index_set(new_parent, new_name, src.is_dir, (UPPER,))
         self.move_alias(src, old_parent, old_name, new_parent, new_name)

@@ -38,12 +38,28 @@ MIXED_FORMS = KERNEL_FORMS | OCI_FORMS | frozenset({"opq_user"})
 FORMS = {"kernel": KERNEL_FORMS, "oci": OCI_FORMS, "mixed": MIXED_FORMS}
 
 OWNERS = (0, 1000, 65534)
-FILE_MODES = (0o644, 0o644, 0o600, 0o755, 0o444, 0o4755, 0o2750, 0o000, 0o640)
-DIR_MODES = (0o755, 0o755, 0o700, 0o1777, 0o2775, 0o555)
+FILE_MODES = (
+    0o644,
+    0o644,
+    0o600,
+    0o755,
+    0o444,
+    0o4755,
+    0o2750,
+    0o000,
+    0o640,
+    0o4777,
+    0o2777,
+    0o6777,
+    0o666,
+)
+DIR_MODES = (0o755, 0o755, 0o700, 0o1777, 0o2775, 0o555, 0o1777, 0o3777, 0o777, 0o2777)
 NAMES = ("a", "b", "c", "d", "e", "f", "g", "h", "sub", "x y", "ü")
 SYMLINK_TARGETS = (
     "/etc",
-    "/etc/passwd",
+    # Absolute, and missing on any host: a sequence that follows a symlink (an open without
+    # O_NOFOLLOW) must never be able to write to a real host file such as /etc/passwd.
+    "/nonexistent-unionfs-test/passwd",
     "../../..",
     "..",
     "/",
@@ -102,6 +118,7 @@ class _Gen:
         self.lidx = 0
         self.stats = GenStats()
         self.whiteouts: list[str] = []  # whiteouts of the current layer (for hard links)
+        self.lower_files: list[Path] = []  # regular files of the layers built so far
 
     # -- model helpers -----------------------------------------------------------------------
 
@@ -185,6 +202,7 @@ class _Gen:
         self._meta(p, is_dir=False)
         self._set(path, "f")
         self.stats.add("file")
+        self.lower_files.append(p)
         if data and self.rng.random() < 0.2 and "decoy_xattr" in self.forms:
             # A whiteout xattr on a non-empty file is no whiteout: a plain file.  (Zero-size
             # decoys are ambiguous in the kernel: lookup honours the xattr in any layer that
@@ -210,6 +228,17 @@ class _Gen:
         os.link(pa, self.root / b)
         self._set(b, "f")
         self.stats.add("hardlink")
+
+    def op_crosslink(self) -> None:
+        """A hard link to a regular file of a layer below, under another (or the same) name
+        in this layer: one inode shown under names from different layers of the stack."""
+        below = [f for f in self.lower_files if not f.is_relative_to(self.root)]
+        path = self._target(0.3)
+        if not below or path is None or not self._ensure_parent(path) or path in self.layer:
+            return
+        os.link(self.rng.choice(below), self.root / path)
+        self._set(path, "f")
+        self.stats.add("crosslink")
 
     def op_dir(self) -> None:
         path = self._target(0.5)
@@ -337,6 +366,7 @@ class _Gen:
             (self.op_symlink, 2),
             (self.op_special, 1),
             (self.op_hardlink, 1 if self.hardlinks else 0),
+            (self.op_crosslink, 1 if self.hardlinks else 0),
             (self.op_whiteout, 4),
             (self.op_redir_meta, 1),
         )
