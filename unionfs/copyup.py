@@ -1,7 +1,7 @@
 """Copy-up building blocks: data (reflink, copy_file_range, holes kept), metadata, cleanup.
 
 A copy-up is always built under a temporary name in the workdir's ``work/`` directory -- data,
-owner, mode, xattrs, origin marker, times -- made durable when the mount syncs, then renamed
+owner, mode, xattrs, origin, times -- made durable when the mount syncs, then renamed
 into the upper directory in one step. A crash at any point leaves either the lower object
 visible or the complete copy; half-built objects only ever exist in ``work/``, which is
 emptied at the next mount (:func:`clean_workdir`).
@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import stat
-import struct
 from dataclasses import dataclass
 
 from unionfs import whiteout
@@ -136,18 +135,24 @@ def copy_xattrs(src: bytes | int, dst: bytes | int) -> None:
             raise
 
 
-def set_origin(target: bytes | int, attr: bytes, ino: int) -> None:
-    """Record the inode number an object had before its copy-up (see :mod:`whiteout`)."""
-    value = struct.pack("<Q", ino)
+def set_origin(target: bytes | int, attr: bytes, origin: bytes | None) -> None:
+    """Store ``origin`` (a value made by :func:`whiteout.encode_origin`) as ``attr`` on the
+    copy being built (a descriptor, or a ``/proc/self/fd/N/name`` path, never followed).
+
+    Nothing is stored for None (the lower filesystem makes no file handles), nor where the
+    upper refuses the xattr: the object then shows its upper inode number, as in the kernel.
+    """
+    if origin is None:
+        return
     try:
         if isinstance(target, int):
-            os.setxattr(target, attr, value)
+            os.setxattr(target, attr, origin)
         else:
-            os.setxattr(target, attr, value, follow_symlinks=False)
+            os.setxattr(target, attr, origin, follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
             raise
-        log.debug("origin marker not stored: %s", exc)
+        log.debug("origin not stored: %s", exc)
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

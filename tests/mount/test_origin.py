@@ -1,0 +1,197 @@
+"""Copy-up origin in the kernel's format (issue 10, "The upper must stay in the kernel's format").
+
+unionfs and the kernel's overlayfs (``index=off``, ``xino=off``) mount the *same* lower
+directory, each with its own upper, on one filesystem (samefs): a copy-up through either must
+store the same ``trusted.overlay.origin`` bytes (a file handle of the lower object), both must
+show the lower object's inode number after the copy-up, unionfs again after a remount, and the
+kernel must read unionfs's upper the same way and see no unionfs-private xattr.
+
+unionfs numbers an object ``(fsid << 48) | st_ino`` (:meth:`LayerStack.natural_ino`), the
+kernel shows the bare ``st_ino``: the low 48 bits are compared.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Union, write
+from tests.oracle.backends import KernelOverlay
+from unionfs.layers import INO_BITS, INO_MASK
+
+pytestmark = [pytest.mark.mount, pytest.mark.kernel]
+
+# name -> what copies it up (through a mount path)
+COPY_UP: dict[str, Callable[[Path], None]] = {
+    "f": lambda p: os.chmod(p, 0o600),
+    "s": lambda p: os.chown(p, 1, 1, follow_symlinks=False),
+    "p": lambda p: os.chmod(p, 0o600),
+    "d": lambda p: os.chmod(p, 0o700),
+    "d/inner": lambda p: os.utime(p, (1, 1)),
+    "h1": lambda p: os.chmod(p, 0o600),
+}
+NAMES = ["f", "s", "p", "d", "d/inner", "h1", "h2"]
+
+
+def build(lower: Path) -> None:
+    write(lower / "f", "file")
+    os.symlink("f", lower / "s")
+    os.mkfifo(lower / "p")
+    write(lower / "d" / "inner", "inner")
+    write(lower / "h1", "linked")
+    os.link(lower / "h1", lower / "h2")
+    write(lower / "plain", "never copied up")
+
+
+def xattrs(path: Path) -> dict[str, bytes]:
+    """Every xattr stored on ``path`` (never followed), in every namespace."""
+    return {
+        n: os.getxattr(path, n, follow_symlinks=False)
+        for n in os.listxattr(path, follow_symlinks=False)
+    }
+
+
+def inos(mnt: Path) -> dict[str, int]:
+    return {n: os.lstat(mnt / n).st_ino for n in NAMES}
+
+
+@pytest.fixture
+def pair(union: Callable[[int], Union], tmp_path: Path) -> Iterator[tuple[Union, Path]]:
+    """A unionfs stack whose lower the kernel's mount shares (own upper/work under ``k``)."""
+    u = union(1)
+    build(u.lowers[0])
+    k = tmp_path / "k"
+    for sub in ("upper", "work", "mnt"):
+        (k / sub).mkdir(parents=True)
+    yield u, k
+
+
+def kernel(u: Union, k: Path, upper: Path | None = None):  # type: ignore[no-untyped-def]
+    return KernelOverlay().mount([u.lowers[0]], upper or k / "upper", k / "work", k / "mnt")
+
+
+def test_copy_up_writes_the_kernels_origin_and_keeps_st_ino(pair) -> None:
+    u, k = pair
+    lower = u.lowers[0]
+    lower_ino = {n: os.lstat(lower / n).st_ino for n in NAMES}
+    with u.mount() as ours_s, kernel(u, k) as theirs:
+        ours = Path(ours_s)
+        before_ours, before_k = inos(ours), inos(theirs)
+        for name, op in COPY_UP.items():
+            op(ours / name)
+            op(theirs / name)
+        after_ours, after_k = inos(ours), inos(theirs)
+    # The kernel shows the lower object's number before and after the copy-up, except for a
+    # broken lower hard link, which becomes its own inode.
+    for n in NAMES:
+        assert before_k[n] == lower_ino[n], n
+        assert before_ours[n] & INO_MASK == lower_ino[n], n
+    for n in ("f", "s", "p", "d", "d/inner", "h2"):
+        assert after_k[n] == lower_ino[n], n
+        assert after_ours[n] == before_ours[n], n
+    assert after_k["h1"] == os.lstat(k / "upper" / "h1").st_ino
+    assert after_ours["h1"] & INO_MASK == os.lstat(u.upper / "h1").st_ino
+
+    # The same bytes in both uppers: same handle of the same lower object, same header.
+    for n in COPY_UP:
+        mine, theirs_x = xattrs(u.upper / n), xattrs(k / "upper" / n)
+        assert mine == theirs_x, n
+    assert set(xattrs(u.upper / "f")) == {"trusted.overlay.origin"}
+    assert "trusted.overlay.origin" not in xattrs(u.upper / "h1")  # as the kernel: no origin
+    raw = xattrs(u.upper / "f")["trusted.overlay.origin"]
+    assert raw[:2] == b"\x00\xfb" and raw[2] == len(raw)
+
+    # A remount shows the same numbers (the handle is decoded again).
+    with u.mount() as again:
+        assert inos(Path(again)) == after_ours
+
+
+def test_the_kernel_reads_our_upper_and_sees_nothing_private(pair) -> None:
+    u, k = pair
+    with u.mount() as ours_s:
+        ours = Path(ours_s)
+        for name, op in COPY_UP.items():
+            op(ours / name)
+        shown = inos(ours)
+    upper_names = [p for p in u.upper.rglob("*")]
+    assert upper_names
+    for p in upper_names:
+        assert not [x for x in os.listxattr(p, follow_symlinks=False) if "unionfs" in x], p
+    with kernel(u, k, upper=u.upper) as theirs:
+        k_inos = inos(theirs)
+        for n in NAMES:
+            assert os.listxattr(theirs / n, follow_symlinks=False) == [], n
+    for n in NAMES:
+        assert k_inos[n] == shown[n] & INO_MASK, n
+
+
+def test_an_upper_with_the_old_unionfs_origin_still_mounts_and_hides_it(pair) -> None:
+    u, _ = pair
+    lower = u.lowers[0]
+    # What unionfs wrote before: the 8-byte number shown before the copy-up.
+    old = (1 << INO_BITS) | os.lstat(lower / "f").st_ino
+    shutil.copy2(lower / "f", u.upper / "f")
+    os.setxattr(u.upper / "f", "trusted.unionfs.origin", struct.pack("<Q", old))
+    os.setxattr(u.upper / "f", "user.keep", b"1")
+    with u.mount() as ours_s:
+        ours = Path(ours_s)
+        assert os.lstat(ours / "f").st_ino == old
+        assert os.listxattr(ours / "f") == ["user.keep"]
+        with pytest.raises(OSError) as exc:
+            os.getxattr(ours / "f", "trusted.unionfs.origin")
+        assert exc.value.errno == errno.ENODATA
+        with pytest.raises(OSError) as exc:
+            os.setxattr(ours / "f", "trusted.unionfs.origin", b"x")
+        assert exc.value.errno == errno.EPERM
+        # A new copy-up writes only the kernel's xattr.
+        os.chmod(ours / "plain", 0o600)
+    assert set(xattrs(u.upper / "plain")) == {"trusted.overlay.origin"}
+
+
+def test_userxattr_mode_writes_user_overlay_origin(pair) -> None:
+    u, k = pair
+    with u.mount("userxattr") as ours_s:
+        ours = Path(ours_s)
+        before = os.lstat(ours / "f").st_ino
+        os.chmod(ours / "f", 0o600)
+        os.chmod(ours / "p", 0o600)
+        assert os.lstat(ours / "f").st_ino == before
+    theirs = k / "mnt"
+    opts = f"lowerdir={u.lowers[0]},upperdir={k / 'upper'},workdir={k / 'work'},userxattr"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, theirs], check=True)
+    try:
+        os.chmod(theirs / "f", 0o600)
+        os.chmod(theirs / "p", 0o600)
+    finally:
+        subprocess.run(["umount", theirs], check=True)
+    for n in ("f", "p"):
+        assert xattrs(u.upper / n) == xattrs(k / "upper" / n), n
+    assert set(xattrs(u.upper / "f")) == {"user.overlay.origin"}
+    # user.* xattrs exist only on regular files and directories: a fifo gets no origin, from
+    # the kernel either.
+    assert xattrs(u.upper / "p") == {}
+    with u.mount("userxattr") as again:
+        assert os.lstat(Path(again) / "f").st_ino == before
+
+
+def test_a_merged_directory_shows_its_lower_number_a_pure_upper_one_its_own(pair) -> None:
+    u, k = pair
+    (u.upper / "d").mkdir()  # merged with the lower d, never copied up: no origin
+    (u.upper / "new").mkdir()
+    (k / "upper" / "d").mkdir()
+    (k / "upper" / "new").mkdir()
+    with u.mount() as ours_s, kernel(u, k) as theirs:
+        ours = Path(ours_s)
+        assert os.lstat(theirs / "d").st_ino == os.lstat(u.lowers[0] / "d").st_ino
+        assert os.lstat(ours / "d").st_ino & INO_MASK == os.lstat(u.lowers[0] / "d").st_ino
+        assert os.lstat(theirs / "new").st_ino == os.lstat(k / "upper" / "new").st_ino
+        assert os.lstat(ours / "new").st_ino & INO_MASK == os.lstat(u.upper / "new").st_ino
+        assert stat.S_ISDIR(os.lstat(ours / "d").st_mode)
