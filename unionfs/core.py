@@ -57,7 +57,7 @@ class Attr:
 class FileHandle:
     """An open regular file: the descriptor, the layer it was opened in, and its flags."""
 
-    __slots__ = ("fd", "node", "layer", "flags", "writable")
+    __slots__ = ("fd", "node", "layer", "flags", "writable", "drop_sgid")
 
     def __init__(self, fd: int, node: Node, layer: int, flags: int) -> None:
         self.fd = fd
@@ -65,6 +65,9 @@ class FileHandle:
         self.layer = layer
         self.flags = flags
         self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        # Set when the opener's first write must clear the file's set-gid bit (see
+        # UnionFS.open): a case the kernel's FUSE module leaves to the file system.
+        self.drop_sgid = False
 
 
 class DirHandle:

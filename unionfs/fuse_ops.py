@@ -20,7 +20,7 @@ import trio
 
 from unionfs.core import Attr
 from unionfs.inodes import Node
-from unionfs.writes import UnionFS
+from unionfs.writes import Caller, UnionFS
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fh = await self.fs.open(inode, flags)
+        fh = await self.fs.open(inode, flags, Caller(ctx.uid, ctx.gid, ctx.pid))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @boundary
@@ -322,7 +322,11 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.fs.write(fh, off, buf)
+        return await self.fs.write(fh, off, buf)
+
+    @boundary
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        self.fs.fallocate(fh, mode, offset, length)
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -31,7 +31,13 @@ from unionfs.core import UPPER, Attr, UnionCore, _err
 from unionfs.dirindex import classify_at, oci_marker_exists
 from unionfs.inodes import Node
 from unionfs.layers import open_dir_at
-from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from unionfs.sysc import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    fallocate,
+    renameat2,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,28 @@ class Change:
     atime_ns: int | None = None
     mtime_ns: int | None = None
     size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who made a request: the ids the kernel passes with it."""
+
+    uid: int
+    gid: int
+    pid: int
+
+    def groups(self) -> set[int]:
+        """The caller's group and supplementary groups (from /proc; just the gid if gone)."""
+        found = {self.gid}
+        try:
+            with open(f"/proc/{self.pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Groups:"):
+                        found.update(int(g) for g in line.split()[1:])
+                        break
+        except OSError:
+            pass
+        return found
 
 
 _NO_CHANGE = Change()
@@ -577,7 +605,11 @@ class UnionFS(UnionCore):
 
     # -- opening and writing ------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int, caller: Caller | None = None) -> int:
+        """Open ``ino``; a write access copies it up first (``O_TRUNC``: without its data).
+
+        ``caller`` is who opens, for the set-gid rule of :meth:`write`.
+        """
         node = self.node(ino)
         if node.is_dir:
             raise _err(errno.EISDIR)
@@ -599,13 +631,43 @@ class UnionFS(UnionCore):
                     os.close(wfd)
             else:
                 os.ftruncate(fd, 0)
-        return self.add_handle(fd, node, UPPER, flags)
+        fh = self.add_handle(fd, node, UPPER, flags)
+        if caller is not None and caller.uid != 0:
+            st = os.fstat(fd)
+            if (
+                st.st_mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID
+                and st.st_gid not in caller.groups()
+            ):
+                self.file_handles[fh].drop_sgid = True
+        return fh
 
-    def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.file_handle(fh)
         if not handle.writable:
             raise _err(errno.EBADF)
-        return os.pwrite(handle.fd, buf, off)
+        written = os.pwrite(handle.fd, buf, off)
+        if handle.drop_sgid:
+            # A write by a caller outside the file's group clears set-gid even without group
+            # execute (the VFS's file_remove_privs); the kernel's FUSE module only clears
+            # set-uid and set-gid with group execute itself, and leaves this case to us.
+            handle.drop_sgid = False
+            mode = os.fstat(handle.fd).st_mode
+            if mode & stat.S_ISGID:
+                os.fchmod(handle.fd, stat.S_IMODE(mode) & ~stat.S_ISGID)
+                if self.attr_changed is not None:
+                    await self.attr_changed(handle.node.ino)
+        return written
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` on an open file, with the mode passed to the upper file system.
+
+        The kernel's FUSE module itself refuses modes other than ``KEEP_SIZE``,
+        ``PUNCH_HOLE`` and ``ZERO_RANGE`` (EOPNOTSUPP) before they reach a daemon.
+        """
+        handle = self.file_handle(fh)
+        if not handle.writable:
+            raise _err(errno.EBADF)
+        fallocate(handle.fd, mode, offset, length)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.file_handle(fh)

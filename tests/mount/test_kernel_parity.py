@@ -28,7 +28,7 @@ def build(layer: Path) -> None:
     write(d / "f", "hello", mode=0o666)
     write(d / "a", "aaa", mode=0o666)
     write(d / "b", "bbbb", mode=0o666)
-    for name, mode in (("s1", 0o4777), ("s2", 0o2777), ("s3", 0o6777)):
+    for name, mode in (("s1", 0o4777), ("s2", 0o2777), ("s3", 0o6777), ("s4", 0o2767)):
         write(d / name, "x", mode=mode)
     sticky = layer / "sticky"
     sticky.mkdir()
@@ -211,7 +211,7 @@ def test_mknod_of_a_whiteout_device_is_refused(twin) -> None:
 def test_writes_by_a_non_owner_clear_set_id_bits(twin) -> None:
     def fn(m: Path) -> object:
         out = []
-        for name in ("s1", "s2", "s3"):
+        for name in ("s1", "s2", "s3", "s4"):
             fd = os.open(m / "d" / name, os.O_WRONLY | os.O_APPEND)
             os.write(fd, b"y")
             os.close(fd)
@@ -290,3 +290,56 @@ def test_names_of_a_lower_hard_link_are_separate_inodes(
     with u.mount() as ours:
         assert not diff(before, snapshot(ours))
         assert inode_partition(Path(ours)) == want_partition
+
+
+FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
+FALLOC_COLLAPSE_RANGE, FALLOC_INSERT_RANGE = 0x08, 0x20
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    from unionfs.sysc import fallocate
+
+    fallocate(fd, mode, offset, length)
+
+
+def test_fallocate_modes_pass_to_the_upper_after_a_copy_up(twin) -> None:
+    """Every mode the FUSE module forwards behaves as on the kernel's overlay."""
+
+    def fn(m: Path) -> object:
+        out = []
+        for i, mode in enumerate(
+            (0, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE, FALLOC_ZERO_RANGE)
+        ):
+            path = m / "d" / ("a", "b", "f", "s1")[i]
+            fd = os.open(path, os.O_RDWR)  # a lower file: copied up by the open
+            os.pwrite(fd, b"z" * 20000, 0)
+            out.append(errname(lambda fd=fd, mode=mode: _fallocate(fd, mode, 4096, 1 << 20)))
+            st = os.fstat(fd)
+            out.append((st.st_size, st.st_blocks > 0, os.pread(fd, 8, 4096)))
+            os.close(fd)
+        os.posix_fallocate(os.open(m / "d" / "new", os.O_CREAT | os.O_RDWR, 0o644), 0, 65536)
+        out.append(os.stat(m / "d" / "new").st_size)
+        return out
+
+    assert errno.errorcode[errno.EOPNOTSUPP] not in check(twin, fn)
+
+
+def test_fallocate_collapse_and_insert_are_refused_by_the_fuse_module(twin) -> None:
+    """A documented difference: the kernel's FUSE module answers EOPNOTSUPP for these modes
+    itself (fuse_file_fallocate), so no FUSE file system can offer them; the kernel's overlay
+    passes them to the upper. The file is left as it was."""
+    ours, theirs, _, _ = twin
+    results = {}
+    for root in (ours, theirs):
+        fd = os.open(root / "d" / "a", os.O_RDWR)
+        os.pwrite(fd, os.urandom(4096 * 4), 0)
+        before = os.pread(fd, 1 << 20, 0)
+        results[root] = [
+            errname(lambda fd=fd, mode=mode: _fallocate(fd, mode, 4096, 4096))
+            for mode in (FALLOC_COLLAPSE_RANGE, FALLOC_INSERT_RANGE)
+        ]
+        if root == ours:
+            assert os.pread(fd, 1 << 20, 0) == before
+        os.close(fd)
+    assert results[ours] == [errno.errorcode[errno.EOPNOTSUPP]] * 2
+    assert results[theirs] == ["ok", "ok"]
