@@ -10,7 +10,7 @@ APT_PACKAGES=(
     python3 python3-venv python3-dev gcc pkg-config
     fuse3 libfuse3-dev attr
     iproute2 nftables util-linux busybox-static
-    fuse-overlayfs zstd patch
+    fuse-overlayfs zstd patch acl
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
