@@ -33,6 +33,7 @@ from unionfs.stats import Stats
 log = logging.getLogger(__name__)
 
 UPPER = 0
+_ORIGIN_CACHE_MAX = 1 << 16
 
 
 # A directory chain cut at its first opaque layer, the directories opened to check it and
@@ -101,6 +102,11 @@ class UnionCore:
         # uuid; built on first use. False once open_by_handle_at was refused (no privilege).
         self._origin_fs: dict[bytes, list[tuple[int, int, list[bytes]]]] | None = None
         self._origin_decode = True
+        # Decoded origins by (st_dev, st_ino, st_ctime_ns) of the upper object: a cold lookup
+        # of a copied-up file costs a listxattr, a getxattr and an open_by_handle_at (about
+        # 30 us), a repeated one a dict hit. Any change to the object (an xattr included)
+        # changes its ctime, and a reused inode number comes with a new ctime.
+        self._origin_cache: dict[tuple[int, int, int], int | None] = {}
         self.opaque_xattr = whiteout.OPAQUE_XATTRS[1 if cfg.userxattr else 0]
         self.file_handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
@@ -283,7 +289,13 @@ class UnionCore:
                 if stat.S_ISDIR(lst.st_mode):
                     ino = self.stack.natural_ino(lst.st_dev, lst.st_ino)
         else:
+            key = (st.st_dev, st.st_ino, st.st_ctime_ns)
+            if key in self._origin_cache:
+                return self._origin_cache[key]
             ino = self._origin_xattr_ino(dir_fd, name, st)
+            if len(self._origin_cache) >= _ORIGIN_CACHE_MAX:
+                self._origin_cache.clear()
+            self._origin_cache[key] = ino
         return ino
 
     def _origin_xattr_ino(self, dir_fd: int, name: bytes, st: os.stat_result) -> int | None:
