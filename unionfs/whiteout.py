@@ -25,8 +25,9 @@ Written in the upper layer:
   in the kernel's ``userxattr`` mode).
 
 Markers are never shown through the mount: whiteout entries and ``.wh.*`` names are dropped
-from listings and lookups, and the internal xattr namespaces below are filtered from
-``listxattr``/``getxattr`` and refused by ``setxattr``.
+from listings and lookups; the private xattrs of the mount's own overlay namespace are hidden
+(names given through the mount land escaped, see below), and so are the other namespace's
+opaque and whiteout markers and the old ``*.unionfs.*`` names, which ``setxattr`` refuses.
 
 A copy-up records where the object came from exactly as the kernel does:
 ``trusted.overlay.origin`` (``user.overlay.origin`` in userxattr mode) holds an ``ovl_fb`` file
