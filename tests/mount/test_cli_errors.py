@@ -141,3 +141,31 @@ def test_missing_dev_fuse(dirs: Path) -> None:
     assert proc.returncode == 1, proc
     assert proc.stderr.strip() == "unionfs: /dev/fuse does not exist (is the fuse module loaded?)"
     assert os.listdir(dirs / "w") == []
+
+
+def test_descriptor_limit_too_low_for_the_layers(dirs: Path) -> None:
+    """A hard RLIMIT_NOFILE that cannot hold the layers plus the directory cache: one line,
+    nothing mounted (the daemon would otherwise fail later with EMFILE)."""
+    import resource
+
+    lowers = []
+    for i in range(200):
+        (dirs / "many" / str(i)).mkdir(parents=True)
+        lowers.append(str(dirs / "many" / str(i)))
+    before = tree(dirs)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "unionfs", "-o", "lowerdir=" + ":".join(lowers), str(dirs / "m")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=low_limit,
+    )
+    assert proc.returncode == 1, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "descriptor limit (400) is too low for 200 layers" in lines[0]
+    assert not os.path.ismount(dirs / "m")
+    assert tree(dirs) == before
