@@ -18,6 +18,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -195,3 +196,24 @@ def test_a_merged_directory_shows_its_lower_number_a_pure_upper_one_its_own(pair
         assert os.lstat(theirs / "new").st_ino == os.lstat(k / "upper" / "new").st_ino
         assert os.lstat(ours / "new").st_ino & INO_MASK == os.lstat(u.upper / "new").st_ino
         assert stat.S_ISDIR(os.lstat(ours / "d").st_mode)
+
+
+def test_without_cap_dac_read_search_a_copy_shows_its_own_number(pair) -> None:
+    """Decoding a handle needs CAP_DAC_READ_SEARCH: a daemon without it falls back to the
+    upper object's own number (the kernel, unable to follow an origin, does the same)."""
+    u, _ = pair
+    with u.mount() as ours_s:
+        os.chmod(Path(ours_s) / "f", 0o600)
+    assert "trusted.overlay.origin" in xattrs(u.upper / "f")
+    opts = f"lowerdir={u.lowers[0]},upperdir={u.upper},workdir={u.work}"
+    cmd = [sys.executable, "-m", "unionfs", "mount", "--log-file", str(u.root / "daemon.log")]
+    subprocess.run(
+        ["setpriv", "--bounding-set=-dac_read_search", "--", *cmd, "-o", opts, str(u.mnt)],
+        check=True,
+    )
+    try:
+        assert os.lstat(u.mnt / "f").st_ino & INO_MASK == os.lstat(u.upper / "f").st_ino
+        assert (u.mnt / "f").read_text() == "file"
+        assert os.lstat(u.mnt / "d").st_ino & INO_MASK == os.lstat(u.lowers[0] / "d").st_ino
+    finally:
+        subprocess.run(["fusermount3", "-u", str(u.mnt)], check=True)
