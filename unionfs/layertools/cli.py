@@ -23,7 +23,15 @@ from unionfs.layertools.export import (
     export_to_path,
     upper_size,
 )
-from unionfs.layertools.importer import import_layer
+from unionfs.layertools.importer import (
+    DEFAULT_MAX_APPARENT_SIZE,
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_SIZE,
+    ImportLimits,
+    format_size,
+    import_layer,
+    parse_size,
+)
 from unionfs.layertools.layerscan import display
 from unionfs.layertools.progress import Progress
 
@@ -175,6 +183,13 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _import(argv: list[str]) -> int:
     parser = _Parser(prog="unionfs import", description="Unpack an OCI layer into a lower.")
     parser.add_argument("layer", help="the layer tarball (plain, gzip or zstd; - for stdin)")
@@ -187,15 +202,40 @@ def _import(argv: list[str]) -> int:
     parser.add_argument(
         "--allow-devices", action="store_true", help="unpack char and block device nodes"
     )
+    parser.add_argument(
+        "--max-size",
+        type=_size,
+        default=DEFAULT_MAX_SIZE,
+        metavar="SIZE",
+        help="most file data written to disk, holes excluded "
+        f"(default {format_size(DEFAULT_MAX_SIZE)}; K, M, G, T suffixes)",
+    )
+    parser.add_argument(
+        "--max-apparent-size",
+        type=_size,
+        default=DEFAULT_MAX_APPARENT_SIZE,
+        metavar="SIZE",
+        help="most bytes the files may add up to, holes included "
+        f"(default {format_size(DEFAULT_MAX_APPARENT_SIZE)})",
+    )
+    parser.add_argument(
+        "--max-entries",
+        type=int,
+        default=DEFAULT_MAX_ENTRIES,
+        metavar="N",
+        help=f"most tar members (default {DEFAULT_MAX_ENTRIES})",
+    )
     parser.add_argument("--json", action="store_true", help="print digest, diff_id and counts")
     _progress_flags(parser)
     args = parser.parse_args(argv)
+    limits = ImportLimits(args.max_size, args.max_apparent_size, args.max_entries)
     result = import_layer(
         args.layer,
         args.dir,
         keep_oci_whiteouts=args.keep_oci_whiteouts,
         allow_devices=args.allow_devices,
         progress_enabled=args.progress,
+        limits=limits,
     )
     if args.json:
         print(json.dumps({**vars(result), "dir": os.fspath(args.dir)}, indent=2))

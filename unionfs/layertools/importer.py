@@ -28,7 +28,6 @@ import hashlib
 import io
 import logging
 import os
-import shutil
 import stat
 import sys
 import tarfile
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from unionfs import whiteout
+from unionfs.copyup import remove_tree_at
 from unionfs.errors import UnionfsError
 from unionfs.layertools.layerscan import LayerPath, is_dir, open_dir, opened_dir
 from unionfs.layertools.progress import Progress
@@ -131,6 +131,154 @@ def _xattrs(member: tarfile.TarInfo) -> list[tuple[bytes, bytes]]:
     return found
 
 
+DEFAULT_MAX_SIZE = 64 << 30
+DEFAULT_MAX_APPARENT_SIZE = 1 << 40
+DEFAULT_MAX_ENTRIES = 1_000_000
+# Free space an import always leaves on the destination's filesystem: the larger of these.
+RESERVE_BYTES = 256 << 20
+RESERVE_FRACTION = 0.01
+_BLOCK = 4096
+_ZERO_BLOCK = bytes(_BLOCK)
+# A sparse map with more regions than this is refused before it is used.
+_MAX_SPARSE_REGIONS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ImportLimits:
+    """What one import may write; going over any of them refuses the whole layer.
+
+    ``max_size``: bytes of file data written to disk (holes excluded); ``max_apparent_size``:
+    the sum of the sizes of the regular files (holes included); ``max_entries``: tar members.
+    The destination's filesystem also always keeps :data:`RESERVE_BYTES` or
+    :data:`RESERVE_FRACTION` of its size free, whichever is larger.
+    """
+
+    max_size: int = DEFAULT_MAX_SIZE
+    max_apparent_size: int = DEFAULT_MAX_APPARENT_SIZE
+    max_entries: int = DEFAULT_MAX_ENTRIES
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes in the unit suffixes :func:`parse_size` reads (``64G``, ``1T``, ``4096``)."""
+    for shift, unit in ((40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``4096``, ``10K``, ``64M``, ``64G`` or ``1T`` (powers of 1024).
+
+    Raises ValueError for anything else.
+    """
+    units = {"K": 10, "M": 20, "G": 30, "T": 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    shift = units.get(text[-1:], 0)
+    number = text[:-1] if shift else text
+    if not number.isdigit():
+        raise ValueError(f"not a size: {text!r}")
+    return int(number) << shift
+
+
+class _Budget:
+    """Counts what an import writes and refuses it past a limit or the free-space reserve."""
+
+    def __init__(self, limits: ImportLimits, fs_fd: int) -> None:
+        self.limits = limits
+        self.fs_fd = fs_fd
+        self.written = 0
+        self.apparent = 0
+        self.entries = 0
+        # Bytes that may still be written before free space is looked at again.
+        self._unchecked = 0
+
+    def entry(self, name: str) -> None:
+        self.entries += 1
+        if self.entries > self.limits.max_entries:
+            raise UnsafeMember(
+                name, f"the layer has more than {self.limits.max_entries} entries (--max-entries)"
+            )
+
+    def file(self, member: tarfile.TarInfo) -> None:
+        self.apparent += member.size
+        if self.apparent > self.limits.max_apparent_size:
+            limit = format_size(self.limits.max_apparent_size)
+            raise UnsafeMember(
+                member.name,
+                f"the layer's files add up to more than {limit} (--max-apparent-size)",
+            )
+
+    def data(self, member: tarfile.TarInfo, n: int) -> None:
+        """Account for ``n`` bytes about to be written; refuse them when over a limit."""
+        self.written += n
+        if self.written > self.limits.max_size:
+            limit = format_size(self.limits.max_size)
+            raise UnsafeMember(
+                member.name, f"the layer holds more than {limit} of file data (--max-size)"
+            )
+        if n <= self._unchecked:
+            self._unchecked -= n
+            return
+        st = os.fstatvfs(self.fs_fd)
+        reserve = max(RESERVE_BYTES, int(st.f_blocks * st.f_frsize * RESERVE_FRACTION))
+        room = st.f_bavail * st.f_frsize - reserve
+        if n > room:
+            raise UnionfsError(
+                f"not enough free space to import {member.name!r}: "
+                f"{format_size(reserve)} must stay free on the destination's filesystem"
+            )
+        # Look again after a quarter of the room is used: others write to the disk too.
+        self._unchecked = (room - n) // 4
+
+
+def _sparse_regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
+    """The data regions ``(offset, length)`` of a regular member, in order; the rest is holes.
+
+    A plain member is one region; a GNU or PAX sparse member has its map, which must be
+    sorted, non-overlapping and inside the file's size, or the member is refused.
+    """
+    # tarfile sets ``sparse`` to a list of (offset, length) pairs (typeshed says list[int]).
+    sparse = cast("list[tuple[int, int]] | None", member.sparse)
+    if sparse is None:
+        return [(0, member.size)] if member.size else []
+    if len(sparse) > _MAX_SPARSE_REGIONS:
+        raise UnsafeMember(member.name, "sparse map with too many regions")
+    regions = []
+    end = 0
+    for offset, length in sparse:
+        if length == 0:
+            continue  # GNU tar ends the map with (size, 0) and pads old-format maps with (0, 0)
+        if offset < end or length < 0 or offset + length > member.size:
+            raise UnsafeMember(member.name, "sparse map out of order or beyond the file's size")
+        end = offset + length
+        regions.append((offset, length))
+    return regions
+
+
+def _data_runs(chunk: bytes) -> list[tuple[int, int]]:
+    """The ``(start, end)`` runs of ``chunk`` to write; every all-zero 4 KiB block is left out.
+
+    A block left out becomes a hole: the file is extended to its final size at the end, so
+    it reads as zeros, as GNU tar's ``--sparse`` extraction does.
+    """
+    if chunk.count(0) < _BLOCK:  # no whole block can be zero: one run
+        return [(0, len(chunk))]
+    runs = []
+    start = None  # the beginning of the run of data blocks being gathered
+    view = memoryview(chunk)
+    for pos in range(0, len(chunk), _BLOCK):
+        block = view[pos : pos + _BLOCK]
+        zero = block == _ZERO_BLOCK[: len(block)]
+        if zero and start is not None:
+            runs.append((start, pos))
+            start = None
+        elif not zero and start is None:
+            start = pos
+    if start is not None:
+        runs.append((start, len(chunk)))
+    return runs
+
+
 @dataclass
 class _Unpacker:
     """Applies members one by one to the layer root open as ``root_fd``, then finishes it."""
@@ -139,6 +287,7 @@ class _Unpacker:
     keep_oci_whiteouts: bool
     allow_devices: bool
     result: ImportResult
+    budget: _Budget
     # Whiteout path -> the marker's (uid, gid, mtime), given to the device so a re-export
     # reproduces the marker exactly.
     whiteouts: dict[LayerPath, tuple[int, int, int]] = field(default_factory=dict)
@@ -151,7 +300,10 @@ class _Unpacker:
     def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         """Apply one member; raises :class:`UnionfsError` for anything refused."""
         path = member_path(member.name)
+        self.budget.entry(member.name)
         self.result.entries += 1
+        if member.isreg():
+            self.budget.file(member)
         if not path:
             if not member.isdir():
                 raise UnsafeMember(member.name, "the layer root must be a directory")
@@ -184,7 +336,8 @@ class _Unpacker:
         if is_dir(st):
             if keep_dir:
                 return True
-            shutil.rmtree(os.fsdecode(name), dir_fd=parent_fd)
+            if not remove_tree_at(parent_fd, name):
+                raise UnionfsError(f"cannot replace directory {os.fsdecode(name)!r}")
         else:
             os.unlink(name, dir_fd=parent_fd)
         return False
@@ -211,10 +364,7 @@ class _Unpacker:
                 dir_fd=parent_fd,
             )
             try:
-                data = tar.extractfile(member)
-                if data is not None:
-                    while chunk := data.read(_CHUNK):
-                        os.write(fd, chunk)
+                self._write_data(tar, member, fd)
                 self._meta(fd, None, member, path)
             finally:
                 os.close(fd)
@@ -238,6 +388,35 @@ class _Unpacker:
             self._meta(parent_fd, name, member, path)
         else:
             raise UnsafeMember(member.name, f"unsupported member type {member.type!r}")
+
+    def _write_data(self, tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
+        """The data of regular ``member`` into ``fd``, holes kept (see :func:`_data_runs`).
+
+        Only the data regions of a sparse member are read (GNU 0.0/0.1/1.0 and old GNU
+        sparse, as parsed by :mod:`tarfile`); holes are never materialised, so a member that
+        claims a terabyte of holes costs nothing. Every write is counted by the budget first.
+        """
+        regions = _sparse_regions(member)
+        if regions:
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            # The unbuffered reader maps file offsets to the stream, reading forward only,
+            # which is all a streamed tarfile can do.
+            data = cast(Any, extracted).raw
+            for offset, length in regions:
+                data.seek(offset)
+                pos, end = offset, offset + length
+                while pos < end:
+                    chunk = data.read(min(_CHUNK, end - pos))
+                    if not chunk:
+                        raise tarfile.ReadError("unexpected end of data")
+                    runs = _data_runs(chunk)
+                    self.budget.data(member, sum(stop - start for start, stop in runs))
+                    view = memoryview(chunk)
+                    for start, stop in runs:
+                        os.pwrite(fd, view[start:stop], pos + start)
+                    pos += len(chunk)
+        os.ftruncate(fd, member.size)
 
     def _link(self, member: tarfile.TarInfo, path: LayerPath) -> None:
         target = member_path(member.linkname, what="hard link target")
@@ -399,6 +578,16 @@ def _open_source(source: str) -> tuple[IO[bytes], int]:
     return f, st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
+def _remove_partial(tmp: str) -> None:
+    """Remove the half-built layer ``tmp`` (any depth; never leaving its filesystem)."""
+    try:
+        with opened_dir(os.fsencode(os.path.dirname(tmp))) as parent_fd:
+            if not remove_tree_at(parent_fd, os.fsencode(os.path.basename(tmp))):
+                log.warning("could not remove all of %s", tmp)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", tmp, exc)
+
+
 def import_layer(
     source: str,
     dest: Path,
@@ -406,13 +595,18 @@ def import_layer(
     keep_oci_whiteouts: bool = False,
     allow_devices: bool = False,
     progress_enabled: bool | None = None,
+    limits: ImportLimits | None = None,
 ) -> ImportResult:
     """Unpack the layer tarball ``source`` (a path, or ``-`` for stdin) into ``dest``.
 
     ``dest`` must not exist or be an empty directory; it appears complete or not at all.
-    Plain, gzip and zstd tarballs are recognised by their first bytes. Raises
-    :class:`UnionfsError` with a one-line message for a refused member or a corrupt tarball.
+    Plain, gzip and zstd tarballs are recognised by their first bytes. Sparse members stay
+    sparse, and so do all-zero blocks of plain members. ``limits`` bound the data, the
+    apparent size and the entries (:class:`ImportLimits`). Raises :class:`UnionfsError`
+    with a one-line message for a refused member, a limit, or a corrupt tarball; nothing is
+    left behind then.
     """
+    limits = limits or ImportLimits()
     dest = Path(os.path.abspath(dest))
     _check_destination(dest)
     file, total = _open_source(source)
@@ -426,7 +620,8 @@ def import_layer(
             uncompressed = _HashingReader(_decompressor(raw, magic))
             result = ImportResult("", "")
             with opened_dir(os.fsencode(tmp)) as root_fd:
-                unpacker = _Unpacker(root_fd, keep_oci_whiteouts, allow_devices, result)
+                budget = _Budget(limits, root_fd)
+                unpacker = _Unpacker(root_fd, keep_oci_whiteouts, allow_devices, result, budget)
                 with tarfile.open(
                     fileobj=cast(Any, uncompressed),
                     mode="r|",
@@ -443,7 +638,7 @@ def import_layer(
             result.digest, result.diff_id = raw.digest(), uncompressed.digest()
         os.rename(tmp, dest)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_partial(tmp)
         if isinstance(exc, UnionfsError):
             raise
         where = f" at member {current!r}" if current else ""
