@@ -100,10 +100,13 @@ def _copy_range(src_fd: int, dst_fd: int, start: int, end: int, devs: tuple[int,
         pos += n
 
 
-def copy_xattrs(src: bytes | int, dst: bytes | int) -> None:
+def copy_xattrs(src: bytes | int, dst: bytes | int, userxattr: bool | None = None) -> None:
     """Copy every xattr that is not internal to the layer format from ``src`` to ``dst``.
 
-    ``src``/``dst`` are descriptors or ``/proc/self/fd/N/name`` paths (never followed).
+    ``src``/``dst`` are descriptors or ``/proc/self/fd/N/name`` paths (never followed). With
+    ``userxattr`` (the mount's mode), what the mount shows is copied, as the kernel does
+    (escaped names, and the other namespace's overlay names but its markers); without it,
+    nothing in either overlay namespace but escaped names.
     """
     follow = isinstance(src, int)
     try:
@@ -114,7 +117,10 @@ def copy_xattrs(src: bytes | int, dst: bytes | int) -> None:
         raise
     for name in names:
         bname = os.fsencode(name)
-        if whiteout.is_internal_xattr(bname):
+        if userxattr is None:
+            if whiteout.is_internal_xattr(bname):
+                continue
+        elif whiteout.is_private_xattr(bname, userxattr):
             continue
         try:
             if follow:

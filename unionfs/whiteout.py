@@ -72,11 +72,12 @@ _INTERNAL_PREFIXES = (
 
 
 # The overlay namespaces of the two modes (index: userxattr), and what an escaped name starts
-# with. The kernel tests the trusted form without its final dot (ovl_is_escaped_xattr compares
-# OVL_XATTR_ESCAPE_TRUSTED_PREFIX_LEN - 1 bytes), the user form with it: followed here.
+# with. The kernel's first version tested the trusted form without its final dot; the kernel
+# here (6.18) hides trusted.overlay.overlay and trusted.overlay.overlayX as private names, so
+# both forms are tested with the dot.
 _OWN_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 _ESCAPE = b"overlay."
-_ESCAPED_TEST = (b"trusted.overlay.overlay", b"user.overlay.overlay.")
+_ESCAPED_TEST = (b"trusted.overlay.overlay.", b"user.overlay.overlay.")
 _UNIONFS_PREFIXES = (b"trusted.unionfs.", b"user.unionfs.")
 # Markers unionfs reads in every layer whatever the mode (the kernel only reads its own mode's):
 # never settable nor shown through the mount in either mode.
@@ -117,12 +118,19 @@ def xattr_layer_name(name: bytes, userxattr: bool) -> bytes | None:
     return name
 
 
+def is_private_xattr(name: bytes, userxattr: bool) -> bool:
+    """True for a layer xattr that a copy-up leaves behind in this mode: one the mount does
+    not show (the kernel's ovl_is_private_xattr, plus the markers unionfs reads in both
+    namespaces, which would change the view if they moved up)."""
+    return xattr_mount_name(name, userxattr) is None
+
+
 def xattr_mount_name(name: bytes, userxattr: bool) -> bytes | None:
     """How the xattr ``name`` found on a layer object shows through the mount; None: hidden.
 
     The inverse of :func:`xattr_layer_name`: an escaped name loses one ``overlay.`` (what the
-    kernel's ovl_listxattr does, byte for byte), the private names of the own namespace and the
-    reserved names are hidden.
+    kernel's ovl_listxattr does), the private names of the own namespace and the reserved
+    names are hidden.
     """
     own = _OWN_PREFIXES[userxattr]
     if name.startswith(own):

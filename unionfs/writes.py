@@ -219,7 +219,7 @@ class UnionFS(UnionCore):
         if st.st_uid != self.euid or st.st_gid != self.egid:  # else created with them
             os.fchown(dst, st.st_uid, st.st_gid)
         os.fchmod(dst, stat.S_IMODE(st.st_mode if change.mode is None else change.mode))
-        copyup.copy_xattrs(src, dst)
+        copyup.copy_xattrs(src, dst, self.cfg.userxattr)
         if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
             # The kernel (index=off) records no origin for a copy-up that breaks a lower hard
             # link: the copy is a new inode from then on.
@@ -329,7 +329,7 @@ class UnionFS(UnionCore):
                 dst_path = whiteout.at_path(work_fd, tmp)
                 if not stat.S_ISLNK(st.st_mode):
                     self._chmod_at(work_fd, tmp, stat.S_IMODE(st.st_mode))
-                copyup.copy_xattrs(src_path, dst_path)
+                copyup.copy_xattrs(src_path, dst_path, self.cfg.userxattr)
                 # user.* xattrs cannot be set on symlinks; no origin for a broken hard link.
                 if (not stat.S_ISLNK(st.st_mode) or not self.cfg.userxattr) and st.st_nlink == 1:
                     origin = whiteout.encode_origin(lower_pfd, node.name)

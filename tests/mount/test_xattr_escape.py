@@ -88,6 +88,9 @@ def twin(union: Callable[[int], Union], tmp_path: Path) -> Iterator[Callable[[bo
     # What the kernel writes for trusted.overlay.low / user.overlay.low set through a mount.
     os.setxattr(lower / "low", "trusted.overlay.overlay.low", b"L")
     os.setxattr(lower / "low", "user.overlay.overlay.low", b"U")
+    # Private, not escaped (no dot after the second "overlay"): hidden by the kernel.
+    os.setxattr(lower / "low", "trusted.overlay.overlayfoo", b"P")
+    os.setxattr(lower / "low", "trusted.overlay.overlay", b"P")
     k = tmp_path / "k"
     for sub in ("upper", "work", "mnt"):
         (k / sub).mkdir(parents=True)
@@ -127,6 +130,11 @@ def test_overlay_xattrs_through_the_mount_match_the_kernel(twin, userxattr: bool
     assert got == want
     assert got[3] is None  # the set succeeded (unionfs used to refuse it with EPERM)
     assert ("trusted.overlay.low", b"L") in got[0] or userxattr
+    # trusted.overlay.overlayfoo and trusted.overlay.overlay: private in trusted mode, ordinary
+    # xattrs (copied up too) in userxattr mode.
+    odd = sorted(n for n, _ in got[0] if n.startswith("trusted.overlay.overlay"))
+    other_mode = ["trusted.overlay.overlay", "trusted.overlay.overlay.low"]
+    assert odd == (other_mode + ["trusted.overlay.overlayfoo"] if userxattr else [])
     for name in ("f", "d", "low"):
         assert stored(t.u.upper / name) == stored(t.k / "upper" / name), name
     f = stored(t.u.upper / "f")
