@@ -395,6 +395,10 @@ class UnionCore:
         index = parent.index or self.index_of(parent)
         if whiteout.is_marker_name(name):
             return None
+        if len(name) > 255:
+            # The kernel's FUSE module lets names up to 1024 bytes through; the overlay's
+            # layers refuse them, and so does the kernel's overlay.
+            raise _err(errno.ENAMETOOLONG)
         entry = index.get(name)
         if entry is None:
             return None
@@ -455,9 +459,7 @@ class UnionCore:
         else:
             ino = self.table.known_id(("obj", obj)) or shown
         node = self.table.nodes.get(ino)
-        if node is not None and (
-            node.removed or node.is_dir != is_dir or (not is_dir and node.obj != obj)
-        ):
+        if node is not None and (node.removed or node.is_dir != is_dir or node.obj != obj):
             ino = self.table.private_id(("obj", obj), fresh=True)
             node = None
         if node is None:

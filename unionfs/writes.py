@@ -444,8 +444,11 @@ class UnionFS(UnionCore):
         uid: int,
         gid: int,
         probe: bool = False,
+        linked: Node | None = None,
     ) -> tuple[Node, os.stat_result, int | None]:
         """Create ``name`` with ``make(dir_fd, name) -> fd | None`` in the upper layer.
+
+        ``linked`` is the node ``make`` links to (a new name of it, with its owner).
 
         Handles the parent copy-up, owner and set-gid inheritance, and replacing a whiteout
         (the new directory is then opaque). Returns the node (lookup counted), its stat and
@@ -459,7 +462,7 @@ class UnionFS(UnionCore):
         hidden = self._upper_hidden_by(pfd, name) if careful else None
         owner_uid, owner_gid, sgid_dir = self._owner(pfd, uid, gid)
         is_dir = kind == "dir"
-        keep_owner = kind == "link"  # a new name for an existing inode keeps its owner
+        keep_owner = linked is not None  # a new name for an existing inode keeps its owner
         fd: int | None = None
         if hidden == "whiteout":
             tmp = copyup.temp_name()
@@ -490,7 +493,7 @@ class UnionFS(UnionCore):
                 if careful or self._upper_hidden_by(pfd, name) is None:
                     raise
                 # A stray whiteout in a directory without lowers: take the careful path.
-                return await self._new_entry(parent_ino, name, kind, make, uid, gid, True)
+                return await self._new_entry(parent_ino, name, kind, make, uid, gid, True, linked)
             try:
                 if not keep_owner:
                     self._set_owner(pfd, name, owner_uid, owner_gid, False)
@@ -508,11 +511,12 @@ class UnionFS(UnionCore):
                     os.close(fd)
                 raise
         self._index_set(parent, name, is_dir, (UPPER,))
-        if keep_owner:
-            found = self.resolve(parent, name)  # an existing inode: keeps its number
-            if found is None:
-                raise _err(errno.EIO)
-            node, st = found
+        if linked is not None:
+            # A new name of an existing inode: the same node (the kernel's link does the
+            # same), whatever number a fresh lookup of the name would compute.
+            node = linked
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            self._note_alias(node, parent, name)
         else:
             if fd is not None:
                 st = os.fstat(fd)
@@ -596,7 +600,7 @@ class UnionFS(UnionCore):
 
         st = os.stat(node.name, dir_fd=src_pfd, follow_symlinks=False)
         linked, st, _ = await self._new_entry(
-            new_parent_ino, new_name, "link", make, st.st_uid, st.st_gid
+            new_parent_ino, new_name, "link", make, st.st_uid, st.st_gid, linked=node
         )
         new_parent = self.node(new_parent_ino)
         # A link to an object with an origin makes its parent impure (same dir or not).
