@@ -195,3 +195,69 @@ def test_config_rejects_bad_overrides() -> None:
     c = NetConfig.from_env({})
     assert c.subnet == ipaddress.IPv4Network("10.203.0.0/24")
     assert str(c.gateway) == "10.203.0.1"
+
+
+def test_capabilities_resolve_as_docker_does() -> None:
+    from unionfs.net import caps
+
+    assert caps.resolve([], []) == caps.DOCKER_DEFAULT
+    assert caps.mask(caps.DOCKER_DEFAULT) == 0xA80425FB
+    assert caps.resolve(["cap_net_admin"], ["MKNOD"]) == (caps.DOCKER_DEFAULT | {"NET_ADMIN"}) - {
+        "MKNOD"
+    }
+    assert caps.resolve(["NET_RAW"], ["ALL"]) == {"NET_RAW"}
+    assert caps.resolve(["ALL"], ["SYS_ADMIN"]) == caps.all_names() - {"SYS_ADMIN"}
+    with pytest.raises(UsageError, match="unknown capability"):
+        caps.resolve(["SYS_MAGIC"], [])
+
+
+def test_confinement_options() -> None:
+    from unionfs.net.confinement import Confinement
+
+    default = Confinement.parse()
+    assert (default.seccomp, default.no_new_privs, default.privileged) == (True, True, False)
+    loose = Confinement.parse(security_opts=["seccomp=unconfined", "no-new-privileges=false"])
+    assert (loose.seccomp, loose.no_new_privs) == (False, False)
+    assert Confinement.parse(security_opts=["no-new-privileges"]).no_new_privs
+    privileged = Confinement.parse(privileged=True, cap_drop=["ALL"])
+    assert privileged.privileged and not privileged.seccomp and not privileged.no_new_privs
+    for bad in ("seccomp=/etc/profile.json", "apparmor=x", "label"):
+        with pytest.raises(UsageError):
+            Confinement.parse(security_opts=[bad])
+    with pytest.raises(UsageError):
+        Confinement.parse(userns="remap")
+
+
+def test_subordinate_range_of_root(tmp_path: Path) -> None:
+    from unionfs.net.confinement import FALLBACK_ID_BASE, subordinate_base
+
+    f = tmp_path / "subuid"
+    assert subordinate_base(f) == FALLBACK_ID_BASE
+    f.write_text("alice:100000:65536\nroot:200000:1000\nroot:300000:65536\n")
+    assert subordinate_base(f) == 300000
+    f.write_text("root:x:y\n")
+    with pytest.raises(UnionfsError, match="malformed"):
+        subordinate_base(f)
+
+
+def test_antispoof_rules_per_bridge_port(tmp_path: Path) -> None:
+    rec = Record(
+        name="c",
+        id="abc",
+        network="bridge",
+        rootfs="/",
+        command=["x"],
+        hostname="h",
+        ip="10.203.0.7",
+        veth="ufvabc",
+    )
+    assert ipam.mac_for("10.203.0.7") == "02:42:0a:cb:00:07"
+    cmds = nft.build_ruleset(cfg(tmp_path), [rec])
+    rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+    spoof = [r for r in rules if r["family"] == "bridge"]
+    assert [r["chain"] for r in spoof] == ["antispoof"] * 4
+    text = [str(r["expr"]) for r in spoof]
+    assert "'02:42:0a:cb:00:07'" in text[0] and "'!='" in text[0] and "drop" in text[0]
+    assert "saddr ip" in text[1] and "10.203.0.7" in text[1] and "accept" in text[1]
+    assert "'ip', 'field': 'saddr'" in text[2] and "accept" in text[2]
+    assert "ufvabc" in text[3] and "drop" in text[3]

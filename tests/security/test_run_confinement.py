@@ -9,6 +9,7 @@ to create, mount and write.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import subprocess
@@ -179,3 +180,70 @@ def test_private_user_namespace(sandbox: Sandbox, rootfs: Path) -> None:
     assert proc.stdout.splitlines()[2] == "0"
     # Root in the container is an unprivileged host uid: the host-root-owned /tmp is not its.
     assert "rc=1" in proc.stdout and not (rootfs / "tmp" / "x").exists()
+
+
+def test_seccomp_filter_in_the_kernel(tmp_path: Path) -> None:
+    """The default filter installed in a forked child: what it refuses, what it lets by."""
+    from unionfs.net import seccomp
+    from unionfs.net import syscalls as sc
+
+    if not seccomp.supported():
+        pytest.skip("no default filter for this architecture")
+    program = seccomp.build(caps.DOCKER_DEFAULT)
+    probes = {
+        "fifo": lambda: os.mkfifo(tmp_path / "fifo"),
+        "null": lambda: os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3)),
+        "pts": lambda: os.mknod(tmp_path / "pts", stat.S_IFCHR | 0o600, os.makedev(136, 300)),
+        "block": lambda: os.mknod(tmp_path / "blk", stat.S_IFBLK | 0o600, os.makedev(7, 0)),
+        "mem": lambda: os.mknod(tmp_path / "mem", stat.S_IFCHR | 0o600, os.makedev(1, 1)),
+        "mount": lambda: sc.mount("tmpfs", str(tmp_path), "tmpfs", 0, None),
+        "unshare": lambda: sc.unshare(sc.CLONE_NEWNS),
+        "fork": lambda: os.waitpid(pid, 0) if (pid := os.fork()) else os._exit(0),
+        "tiocsti": lambda: _tiocsti(),
+    }
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(r)
+            sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+            sc.install_seccomp_filter(program)
+            results = []
+            for name, probe in probes.items():
+                try:
+                    probe()
+                    results.append(f"{name}=ok")
+                except OSError as exc:
+                    results.append(f"{name}={exc.errno}")
+            os.write(w, " ".join(results).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        got = dict(item.split("=") for item in f.read().split())
+    os.waitpid(child, 0)
+    eperm = str(errno.EPERM)
+    assert got == {
+        "fifo": "ok",
+        "null": "ok",
+        "pts": "ok",
+        "block": eperm,
+        "mem": eperm,
+        "mount": eperm,
+        "unshare": eperm,
+        "fork": "ok",
+        "tiocsti": eperm,
+    }
+
+
+def _tiocsti() -> None:
+    import fcntl
+    import pty
+    import termios
+
+    leader, follower = pty.openpty()
+    try:
+        fcntl.ioctl(follower, termios.TIOCSTI, b"x")
+    finally:
+        os.close(leader)
+        os.close(follower)

@@ -16,6 +16,8 @@ container without the matching capability.  Denied calls fail with EPERM, as in 
   ``perf_event_open``, modules, ``reboot``/``kexec``, clock setting, ``acct``, ``iopl``/``ioperm``,
   ``syslog``, ``open_by_handle_at``/``name_to_handle_at``, ``kcmp``, ``userfaultfd``,
   ``lookup_dcookie``, ``quotactl``, ``fanotify_init``.
+* ``ioctl`` TIOCSTI and TIOCLINUX are refused: the command shares the caller's terminal, and
+  TIOCSTI would let it type commands into the shell that started it.
 * ``mknod``/``mknodat``: Docker lets CAP_MKNOD through and relies on the device cgroup to make
   a created node useless; we have no device cgroup, so a block device node is always refused,
   and a character device only for the numbers Docker's device cgroup allows (null, zero, full,
@@ -57,6 +59,7 @@ def _arg_low(i: int) -> int:
 
 
 X86_64 = {
+    "ioctl": 16,
     "clone": 56,
     "syslog": 103,
     "mknod": 133,
@@ -175,6 +178,7 @@ DENIED_WITHOUT = {
 NAMESPACE_CLONE_FLAGS = 0x7E020000
 """CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET: refused in clone's flags."""
 
+TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 S_IFMT, S_IFBLK, S_IFCHR = 0o170000, 0o060000, 0o020000
 ALLOWED_CHAR_DEVICES = ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2), (10, 200))
 PTS_MAJOR = 136
@@ -246,6 +250,7 @@ def build(capabilities: frozenset[str]) -> bytes:
     if "SYS_ADMIN" not in capabilities:
         p.append(_Insn(_JMP_JEQ_K, nr["clone"], jt="clone"))
         p.append(_Insn(_JMP_JEQ_K, nr["clone3"], jt="enosys"))
+    p.append(_Insn(_JMP_JEQ_K, nr["ioctl"], jt="ioctl"))
     p.append(_Insn(_JMP_JEQ_K, nr["mknod"], jt="mknod"))
     p.append(_Insn(_JMP_JEQ_K, nr["mknodat"], jt="mknodat"))
     p.append(_Insn(_RET_K, RET_ALLOW, label="allow"))
@@ -255,6 +260,12 @@ def build(capabilities: frozenset[str]) -> bytes:
     p.append(_Insn(_RET_K, RET_ERRNO | errno.ENOSYS, label="enosys"))
     p.append(_Insn(_LD_W_ABS, _arg_low(0), label="clone"))
     p.append(_Insn(_JMP_JSET_K, NAMESPACE_CLONE_FLAGS, jt=1))
+    p.append(_Insn(_RET_K, RET_ALLOW))
+    p.append(_Insn(_RET_K, perm))
+    # The request argument is an unsigned int to the kernel: its low 32 bits are all it reads.
+    p.append(_Insn(_LD_W_ABS, _arg_low(1), label="ioctl"))
+    p.append(_Insn(_JMP_JEQ_K, TIOCSTI, jt=2))
+    p.append(_Insn(_JMP_JEQ_K, TIOCLINUX, jt=1))
     p.append(_Insn(_RET_K, RET_ALLOW))
     p.append(_Insn(_RET_K, perm))
     for name, mode_arg in (("mknod", 1), ("mknodat", 2)):
