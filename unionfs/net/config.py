@@ -7,7 +7,7 @@ UNIONFS_RUN_DIR        /run/unionfs           state: lock, container records, le
 UNIONFS_NETNS_DIR      /run/netns             where network namespaces are bind-mounted
 UNIONFS_BRIDGE         unionfs0               name of the Linux bridge
 UNIONFS_SUBNET         10.203.0.0/24          bridge subnet; the first host address is the gateway
-UNIONFS_NFT_TABLE      unionfs                name of the helper's nftables table (family ip)
+UNIONFS_NFT_TABLE      unionfs                name of the helper's nftables tables (ip, bridge)
 =====================  =====================  ===============================================
 
 The default subnet is neither Docker's 172.17.0.0/16 nor Podman's 10.88.0.0/16 so the three
