@@ -217,3 +217,43 @@ def test_without_cap_dac_read_search_a_copy_shows_its_own_number(pair) -> None:
         assert os.lstat(u.mnt / "d").st_ino & INO_MASK == os.lstat(u.lowers[0] / "d").st_ino
     finally:
         subprocess.run(["fusermount3", "-u", str(u.mnt)], check=True)
+
+
+def test_a_lower_on_another_filesystem_carries_its_uuid(
+    union: Callable[[int], Union], tmp_path: Path
+) -> None:
+    """A tmpfs lower under an ext4 upper: the handle holds the tmpfs's s_uuid (read with
+    FS_IOC_GETFSUUID), byte-identical to the kernel's; both keep the lower's number."""
+    u = union(1)
+    tmpfs = tmp_path / "tmpfs"
+    tmpfs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", tmpfs], check=True)
+    try:
+        lower = tmpfs / "l"
+        write(lower / "f", "on tmpfs")
+        write(lower / "d" / "g", "in a directory")
+        k = tmp_path / "k"
+        for sub in ("upper", "work", "mnt"):
+            (k / sub).mkdir(parents=True)
+        # Union.mount uses u.lowers: point it at the tmpfs lower.
+        u.lowers = [lower]
+        with (
+            u.mount() as ours_s,
+            KernelOverlay().mount([lower], k / "upper", k / "work", k / "mnt") as theirs,
+        ):
+            ours = Path(ours_s)
+            before = os.lstat(ours / "f").st_ino
+            for m in (ours, theirs):
+                os.chmod(m / "f", 0o600)
+                os.chmod(m / "d" / "g", 0o600)
+            assert os.lstat(ours / "f").st_ino == before
+            assert os.lstat(theirs / "f").st_ino == os.lstat(lower / "f").st_ino
+        assert before & INO_MASK == os.lstat(lower / "f").st_ino
+        for n in ("f", "d", "d/g"):
+            assert xattrs(u.upper / n) == xattrs(k / "upper" / n), n
+        raw = xattrs(u.upper / "f")["trusted.overlay.origin"]
+        assert raw[5:21] != bytes(16)  # tmpfs has a (random) uuid
+        with u.mount() as again:
+            assert os.lstat(Path(again) / "f").st_ino == before
+    finally:
+        subprocess.run(["umount", "-l", tmpfs], check=True)
