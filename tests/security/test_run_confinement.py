@@ -159,12 +159,23 @@ def test_security_opts(sandbox: Sandbox, rootfs: Path) -> None:
     assert bad.returncode == 2 and "seccomp=unconfined" in bad.stderr
 
 
-def test_read_only_rootfs(sandbox: Sandbox, rootfs: Path) -> None:
-    script = "touch /tmp/x; echo rc=$?; touch /dev/shm/y && echo shm=ok"
-    proc = sandbox.uf(
-        "run", "--network", "none", "--read-only", str(rootfs), "--", "sh", "-c", script
-    )
-    assert "rc=1" in proc.stdout and "shm=ok" in proc.stdout
+def test_read_only_rootfs_including_mounts_inside_it(sandbox: Sandbox, rootfs: Path) -> None:
+    sub = rootfs / "tmp" / "sub"
+    sub.mkdir()
+    # The sandbox's private mount namespace: this tmpfs is gone with it, unmounted anyway.
+    subprocess.run(["mount", "-t", "tmpfs", "sub", str(sub)], check=True)
+    try:
+        script = (
+            "touch /tmp/x; echo rc=$?; touch /tmp/sub/x; echo sub=$?; "
+            "touch /dev/shm/y && echo shm=ok"
+        )
+        proc = sandbox.uf(
+            "run", "--network", "none", "--read-only", str(rootfs), "--", "sh", "-c", script
+        )
+        assert not (sub / "x").exists()
+    finally:
+        subprocess.run(["umount", str(sub)], check=True)
+    assert "rc=1" in proc.stdout and "sub=1" in proc.stdout and "shm=ok" in proc.stdout
     assert "Read-only file system" in proc.stderr
     assert not (rootfs / "tmp" / "x").exists()
 

@@ -186,6 +186,16 @@ def test_container_mode_reads_are_bounded(sandbox: Sandbox, rootfs: Path, tmp_pa
         proc = run_true(sandbox, other, "--network", "container:a")
         assert_refused(proc, "etc/hosts", expected)
     hosts.unlink()
+    # A's etc swapped for a symlink to a directory outside: not followed either.
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "hosts").write_text("10.9.9.9\tdecoy\n")
+    (rootfs / "etc").rename(tmp_path / "real-etc")
+    (rootfs / "etc").symlink_to(decoy)
+    proc = run_true(sandbox, other, "--network", "container:a")
+    assert_refused(proc, "/etc is not a directory")
+    (rootfs / "etc").unlink()
+    (tmp_path / "real-etc").rename(rootfs / "etc")
     hosts.write_text("10.0.0.1\tfriend\n")
     assert run_true(sandbox, other, "--network", "container:a").returncode == 0
     assert (other / "etc" / "hosts").read_text() == "10.0.0.1\tfriend\n"

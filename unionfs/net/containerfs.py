@@ -10,8 +10,9 @@ Run by the container's init, in its own mount namespace, in two halves around pi
 
 :func:`populate` (after pivot_root, so every path resolves inside the rootfs: ``..`` and
 absolute symlinks stop at its root)
-    * remounts ``/`` ``nodev`` (we have no device cgroup: a device node in a layer must not
-      give access to a host device) and, with ``--read-only``, read-only;
+    * remounts ``/``, and every mount that was inside ROOTFS, ``nodev`` (we have no device
+      cgroup: a device node in a layer must not give access to a host device) and, with
+      ``--read-only``, read-only;
     * mounts a new procfs (``nosuid,nodev,noexec``) and sysfs (read-only unless privileged);
     * mounts a tmpfs on /dev (``nosuid,noexec,nodev``) and attaches there the clones of the
       host's null, zero, full, random, urandom and tty (a bind keeps the host device mount's
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +127,14 @@ def populate(conf: Confinement, host: HostObjects) -> None:
         flags |= sc.MS_RDONLY
     sc.mount(None, "/", None, sc.MS_REMOUNT | sc.MS_BIND | flags, None)
     sc.mount("proc", "/proc", "proc", _PROC_FLAGS, None)
+    # A remount changes one mount; mounts that were inside ROOTFS came along with the
+    # recursive bind and need the same nodev / read-only.
+    extra = (0 if conf.privileged else sc.MS_NODEV) | (sc.MS_RDONLY if conf.read_only else 0)
+    if extra:
+        for target in _submounts():
+            with contextlib.suppress(FileNotFoundError):
+                flags = _mount_flags(target) | extra
+                sc.mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | flags, None)
     sc.mount("sysfs", "/sys", "sysfs", (0 if conf.privileged else sc.MS_RDONLY) | _PROC_FLAGS, None)
     _mount_dev(conf, host)
     if not conf.privileged:
@@ -132,6 +142,22 @@ def populate(conf: Confinement, host: HostObjects) -> None:
             _bind_read_only(f"/proc/{name}")
         for path in MASKED:
             _mask(path)
+
+
+def _unescape(field: str) -> str:
+    """Undo mountinfo's octal escapes (``\\040`` for a space, and so on)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _submounts() -> list[str]:
+    """Mount points below ``/`` other than ``/proc``, parents first (from mountinfo)."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            target = _unescape(line.split()[4])
+            if target != "/" and target != "/proc" and not target.startswith("/proc/"):
+                found.append(target)
+    return found
 
 
 def _bind_read_only(path: str) -> None:
