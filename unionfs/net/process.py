@@ -1,4 +1,4 @@
-"""Forking a container: new mount, UTS, IPC, PID and cgroup namespaces, pivot_root into the rootfs.
+"""Forking a container: new mount, UTS, IPC, PID and cgroup namespaces, then pivot_root.
 
 Two processes are forked.  The *shim* (a child of the caller) unshares the namespaces, joins the
 network namespace, and forks the container's *init*, which becomes PID 1 of the new PID
@@ -81,7 +81,7 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _enter_user_namespace(spec: LaunchSpec, sync: socket.socket) -> None:
+def _enter_user_namespace(sync: socket.socket) -> None:
     """Unshare a user namespace, have the caller write its maps, become root inside it."""
     sc.unshare(sc.CLONE_NEWUSER)
     sync.sendall(b"U")
@@ -109,7 +109,7 @@ def _init_child(spec: LaunchSpec, err_w: int, sync: socket.socket) -> None:
         containerfs.populate(conf, host)
         sc.sethostname(spec.hostname)
         if conf.userns == "private":
-            _enter_user_namespace(spec, sync)
+            _enter_user_namespace(sync)
         sync.close()
         confinement.apply(conf)
         code = EXIT_NOT_FOUND
