@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from unionfs.errors import ArgumentParser, UnionfsError, UsageError
+from unionfs.layertools.layerscan import open_dir, walk_tree
 
 INSPECT = b"user.unionfs.inspect"
 
@@ -87,26 +88,25 @@ def cmd_inspect(args: list[str]) -> int:
 
 
 def _layer_usage(path: str) -> tuple[int, int]:
-    """Entries and bytes in a layer directory, walking it without following symlinks."""
+    """Entries and bytes in a layer directory (0, 0 if it cannot be opened).
+
+    Walked through directory descriptors without following symlinks and without recursion,
+    so a tree deeper than PATH_MAX or the interpreter's recursion limit is counted in full.
+    """
     entries = size = 0
-    stack = [path]
-    while stack:
-        d = stack.pop()
-        try:
-            it = os.scandir(d)
-        except OSError:
-            continue
-        with it:
-            for e in it:
-                entries += 1
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(e.path)
-                else:
-                    size += st.st_size
+    try:
+        root_fd = open_dir(os.fsencode(path))
+    except OSError:
+        return 0, 0
+    try:
+        for _fd, _name, st in walk_tree(root_fd):
+            entries += 1
+            if not stat.S_ISDIR(st.st_mode):
+                size += st.st_size
+    except OSError:
+        pass  # a layer changing under us: report what was counted
+    finally:
+        os.close(root_fd)
     return entries, size
 
 

@@ -88,20 +88,34 @@ class LowerView:
         self.close()
 
     def _layer_dirs(self, path: LayerPath) -> list[int]:
-        """Descriptors of the layers' directories merged at ``path``, top first."""
+        """Descriptors of the layers' directories merged at ``path``, top first.
+
+        Built one level at a time from the deepest ancestor already known (no recursion, so
+        any depth works); every level is cached until :meth:`release`.
+        """
         if path in self._dirs:
             return self._dirs[path]
-        if not path:
+        depth = len(path)
+        while depth > 0 and path[:depth] not in self._dirs:
+            depth -= 1
+        if depth == 0 and () not in self._dirs:
             merged: list[int] = []
             for fd in self._roots:
                 merged.append(fd)
                 if scan_dir(fd).opaque:
                     break
-            self._dirs[path] = merged
-            return merged
+            self._dirs[()] = merged
+        for level in range(depth + 1, len(path) + 1):
+            self._dirs[path[:level]] = self._merge_child(
+                self._dirs[path[: level - 1]], path[level - 1]
+            )
+        return self._dirs[path]
+
+    @staticmethod
+    def _merge_child(parents: list[int], name: bytes) -> list[int]:
+        """The merged directories ``name`` inside the merged directories ``parents``."""
         merged = []
-        name = path[-1]
-        for parent_fd in self._layer_dirs(path[:-1]):
+        for parent_fd in parents:
             layer = scan_dir(parent_fd)
             st = layer.entries.get(name)
             if st is None:
@@ -114,8 +128,19 @@ class LowerView:
             merged.append(fd)
             if scan_dir(fd).opaque or name in layer.whiteouts:
                 break
-        self._dirs[path] = merged
         return merged
+
+    def release(self, path: LayerPath) -> None:
+        """Close the descriptors cached for ``path`` (not the roots): the walk is past it.
+
+        Keeps the number of open descriptors to the depth of the walk, not the size of the
+        tree.
+        """
+        if not path:
+            return
+        for fd in self._dirs.pop(path, []):
+            if fd not in self._roots:
+                os.close(fd)
 
     def lookup(self, path: LayerPath) -> os.stat_result | None:
         """The ``lstat`` of ``path`` in the lowers' merged view, or None when it is absent."""
@@ -145,17 +170,28 @@ def _dir_changed(upper: os.stat_result, lower: os.stat_result) -> bool:
     )
 
 
-def _walk(
+@dataclass
+class _Pending:
+    """A directory of the upper being walked, with the subdirectories still to visit."""
+
+    fd: int
+    path: LayerPath
+    # (name, the parent also whites it out, the path exists in the lowers)
+    subdirs: list[tuple[bytes, bool, bool]]
+
+
+def _record(
     upper_fd: int,
     path: LayerPath,
     lowers: LowerView,
     out: dict[LayerPath, str],
-    whited_out: bool = False,
-) -> bool:
-    """Record the changes under directory ``path`` in ``out``; return whether it is opaque.
+    whited_out: bool,
+) -> tuple[bool, list[tuple[bytes, bool, bool]]]:
+    """Record the changes of the entries of directory ``path`` in ``out``.
 
-    ``whited_out`` says the parent also holds a whiteout for this directory (OCI markers kept
-    beside a new directory of the same name): it hides the lower directory like opaque does.
+    Returns whether the directory is opaque, and its subdirectories to walk. ``whited_out``
+    says the parent also holds a whiteout for this directory (OCI markers kept beside a new
+    directory of the same name): it hides the lower directory like opaque does.
     """
     layer = scan_dir(upper_fd)
     layer.opaque = layer.opaque or whited_out
@@ -167,6 +203,7 @@ def _walk(
         for name in below:
             if name not in layer.entries:
                 out[path + (name,)] = DELETED
+    subdirs = []
     for name, st in layer.entries.items():
         child = path + (name,)
         lower_st = below.get(name)
@@ -175,11 +212,36 @@ def _walk(
         elif not (is_dir(st) and is_dir(lower_st)) or _dir_changed(st, lower_st):
             out[child] = CHANGED
         if is_dir(st):
-            with opened_dir(name, upper_fd) as child_fd:
-                opaque = _walk(child_fd, child, lowers, out, name in layer.whiteouts)
-                if opaque and lower_st is not None:
-                    out[child] = CHANGED
-    return layer.opaque
+            subdirs.append((name, name in layer.whiteouts, lower_st is not None))
+    return layer.opaque, subdirs
+
+
+def _walk(upper_fd: int, lowers: LowerView, out: dict[LayerPath, str]) -> None:
+    """Record every change of the upper open as ``upper_fd`` in ``out``.
+
+    Iterative (an explicit stack, one descriptor per level), so any depth works.
+    """
+    stack = [_Pending(upper_fd, (), _record(upper_fd, (), lowers, out, False)[1])]
+    try:
+        while stack:
+            top = stack[-1]
+            if not top.subdirs:
+                stack.pop()
+                if top.path:
+                    os.close(top.fd)
+                    lowers.release(top.path)
+                continue
+            name, whited_out, exists_below = top.subdirs.pop()
+            child = top.path + (name,)
+            child_fd = open_dir(name, top.fd)
+            stack.append(_Pending(child_fd, child, []))  # pushed first: always closed
+            opaque, stack[-1].subdirs = _record(child_fd, child, lowers, out, whited_out)
+            if opaque and exists_below:
+                out[child] = CHANGED
+    finally:
+        for pending in stack:
+            if pending.path:
+                os.close(pending.fd)
 
 
 def compute_changes(upper: Path, lowers: Sequence[Path] = ()) -> list[Change]:
@@ -190,12 +252,21 @@ def compute_changes(upper: Path, lowers: Sequence[Path] = ()) -> list[Change]:
     out: dict[LayerPath, str] = {}
     try:
         with LowerView(lowers) as view, opened_dir(os.fsencode(upper)) as upper_fd:
-            _walk(upper_fd, (), view, out)
+            _walk(upper_fd, view, out)
     except UnionfsError:
         raise
     except OSError as exc:
         raise UnionfsError(f"cannot read layer: {exc}") from exc
     for path in list(out):
-        for depth in range(1, len(path)):
-            out.setdefault(path[:depth], CHANGED)
-    return sorted(Change(path, kind) for path, kind in out.items())
+        # Up to the first ancestor already listed: its own ancestors are (or will be) listed
+        # when it is handled, which keeps this linear in the depth, not quadratic.
+        for depth in range(len(path) - 1, 0, -1):
+            if path[:depth] in out:
+                break
+            out[path[:depth]] = CHANGED
+    # b"\0" cannot occur in a name, so the joined form sorts exactly like the components.
+    return [Change(path, kind) for path, kind in sorted(out.items(), key=_sort_key)]
+
+
+def _sort_key(item: tuple[LayerPath, str]) -> bytes:
+    return b"\0".join(item[0])

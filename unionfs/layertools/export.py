@@ -31,13 +31,21 @@ import stat
 import tarfile
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 from unionfs import whiteout
 from unionfs.errors import UnionfsError
-from unionfs.layertools.layerscan import LayerPath, display, is_dir, opened_dir, scan_dir
+from unionfs.layertools.layerscan import (
+    LayerPath,
+    display,
+    is_dir,
+    open_dir,
+    opened_dir,
+    scan_dir,
+    walk_tree,
+)
 from unionfs.layertools.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -190,41 +198,80 @@ class _Member:
     name: bytes
 
 
+@dataclass
+class _Frame:
+    """A directory of the upper being exported, with its entries still to write."""
+
+    fd: int
+    path: LayerPath
+    names: list[bytes]
+    owned: bool
+    entries: dict[bytes, os.stat_result] = field(default_factory=dict)
+    whiteouts: set[bytes] = field(default_factory=set)
+
+
 class _Walker:
     """Produces the members of an upper in the documented order (see the module docstring)."""
 
     def __init__(self) -> None:
         self.first_link: dict[tuple[int, int], str] = {}
 
-    def members(self, dir_fd: int, path: LayerPath, whited_out: bool = False) -> Iterator[_Member]:
-        """The members for directory ``path`` open as ``dir_fd`` (the directory itself excluded).
+    def members(self, root_fd: int) -> Iterator[_Member]:
+        """The members below the upper root open as ``root_fd`` (the root itself excluded).
+
+        Iterative (an explicit stack, one descriptor per level), so any depth works. A
+        member's ``parent_fd`` stays open until the next member is asked for.
+        """
+        stack: list[_Frame] = []
+        try:
+            stack.append(_Frame(root_fd, (), [], owned=False))
+            yield from self._enter(stack[-1], whited_out=False)
+            while stack:
+                frame = stack[-1]
+                if not frame.names:
+                    stack.pop()
+                    if frame.owned:
+                        os.close(frame.fd)
+                    continue
+                name = frame.names.pop()
+                st = frame.entries[name]
+                child = frame.path + (name,)
+                if stat.S_ISSOCK(st.st_mode):
+                    log.warning(
+                        "skipping socket %s: a tar layer cannot hold sockets", display(child)
+                    )
+                    continue
+                info = _header(child, st, _xattrs(whiteout.at_path(frame.fd, name), child))
+                self._set_type(info, st, frame.fd, name)
+                yield _Member(info, frame.fd, name)
+                if is_dir(st):
+                    stack.append(_Frame(open_dir(name, frame.fd), child, [], owned=True))
+                    yield from self._enter(stack[-1], whited_out=name in frame.whiteouts)
+        finally:
+            for frame in stack:
+                if frame.owned:
+                    os.close(frame.fd)
+
+    def _enter(self, frame: _Frame, whited_out: bool) -> Iterator[_Member]:
+        """Read ``frame``'s directory: yield its opaque and whiteout markers, queue its entries.
 
         ``whited_out``: the parent also holds a whiteout for this directory, which then hides
         the lower one as if it were opaque.
         """
-        layer = scan_dir(dir_fd)
+        layer = scan_dir(frame.fd)
+        frame.entries = layer.entries
+        frame.whiteouts = layer.whiteouts
+        frame.names = sorted(layer.entries, reverse=True)  # popped from the end: name order
         if layer.opaque or whited_out:
-            dir_st = os.fstat(dir_fd)
-            yield self._marker(path + (whiteout.OCI_OPAQUE_NAME,), dir_st, dir_fd)
+            dir_st = os.fstat(frame.fd)
+            yield self._marker(frame.path + (whiteout.OCI_OPAQUE_NAME,), dir_st, frame.fd)
         for target in sorted(layer.whiteouts - layer.entries.keys()):
             marker = whiteout.OCI_WHITEOUT_PREFIX + target
             try:
-                st = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
+                st = os.stat(target, dir_fd=frame.fd, follow_symlinks=False)
             except FileNotFoundError:
-                st = os.stat(marker, dir_fd=dir_fd, follow_symlinks=False)
-            yield self._marker(path + (marker,), st, dir_fd)
-        for name in sorted(layer.entries):
-            st = layer.entries[name]
-            child = path + (name,)
-            if stat.S_ISSOCK(st.st_mode):
-                log.warning("skipping socket %s: a tar layer cannot hold sockets", display(child))
-                continue
-            info = _header(child, st, _xattrs(whiteout.at_path(dir_fd, name), child))
-            self._set_type(info, st, dir_fd, name)
-            yield _Member(info, dir_fd, name)
-            if is_dir(st):
-                with opened_dir(name, dir_fd) as child_fd:
-                    yield from self.members(child_fd, child, name in layer.whiteouts)
+                st = os.stat(marker, dir_fd=frame.fd, follow_symlinks=False)
+            yield self._marker(frame.path + (marker,), st, frame.fd)
 
     def _marker(self, path: LayerPath, st: os.stat_result, dir_fd: int) -> _Member:
         info = _header(path, st, [])
@@ -271,13 +318,8 @@ def _open_data(member: _Member) -> int:
 
 def upper_size(upper: Path) -> int:
     """The bytes of regular-file data under ``upper``, for a progress total."""
-    total = 0
-    for _root, _dirs, files, root_fd in os.fwalk(upper, follow_symlinks=False):
-        for name in files:
-            st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total
+    with opened_dir(os.fsencode(upper)) as root_fd:
+        return sum(st.st_size for _fd, _name, st in walk_tree(root_fd) if stat.S_ISREG(st.st_mode))
 
 
 def export_layer(
@@ -317,7 +359,7 @@ def export_layer(
             root_info = _header((), os.fstat(root_fd), _xattrs(root_fd, ()))
             root_info.type = tarfile.DIRTYPE
             tar.addfile(root_info)
-            for member in _Walker().members(root_fd, ()):
+            for member in _Walker().members(root_fd):
                 if member.info.type != tarfile.REGTYPE or member.info.size == 0:
                     tar.addfile(member.info)
                     continue

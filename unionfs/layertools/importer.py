@@ -41,7 +41,7 @@ from typing import IO, Any, cast
 from unionfs import whiteout
 from unionfs.copyup import remove_tree_at
 from unionfs.errors import UnionfsError
-from unionfs.layertools.layerscan import LayerPath, is_dir, open_dir, opened_dir
+from unionfs.layertools.layerscan import LayerPath, is_dir, list_names, open_dir, opened_dir
 from unionfs.layertools.progress import Progress
 from unionfs.layertools.tarsafety import (
     OPAQUE,
@@ -139,6 +139,8 @@ RESERVE_BYTES = 256 << 20
 RESERVE_FRACTION = 0.01
 _BLOCK = 4096
 _ZERO_BLOCK = bytes(_BLOCK)
+# Directory descriptors an import keeps open to resume deep walks (see _Unpacker._parent).
+_MAX_CHAIN = 1024
 # A sparse map with more regions than this is refused before it is used.
 _MAX_SPARSE_REGIONS = 1 << 20
 
@@ -294,6 +296,56 @@ class _Unpacker:
     opaque: set[LayerPath] = field(default_factory=set)
     dir_meta: dict[LayerPath, tuple[int, int | None]] = field(default_factory=dict)
     as_root: bool = field(default_factory=lambda: os.geteuid() == 0)
+    # Descriptors of the directories leading to the previous member's parent, still open:
+    # ``_chain[i]`` is ``_chain_path[: _chain_base + i + 1]``. Members come depth first, so
+    # the next parent shares most of that path, and a deep tree is not walked from the root
+    # for every member. A window of at most _MAX_CHAIN levels (the deepest ones); dropped
+    # whenever a directory is removed.
+    _chain: list[int] = field(default_factory=list)
+    _chain_base: int = 0
+    _chain_path: LayerPath = ()
+
+    def close(self) -> None:
+        """Close the cached directory descriptors (idempotent)."""
+        while self._chain:
+            os.close(self._chain.pop())
+        self._chain_base = 0
+        self._chain_path = ()
+
+    def _parent(self, path: LayerPath, name: str) -> int:
+        """A new descriptor for the directory holding ``path``, created as needed.
+
+        Reuses the cached directories this path shares with the previous one and opens the
+        rest one level at a time with :func:`open_parent` (``O_NOFOLLOW``, creating).
+        """
+        parent = path[:-1]
+        # The longest shared prefix, by bisection on tuple equality (C-speed comparisons).
+        low, high = 0, min(len(self._chain_path), len(parent))
+        while low < high:
+            mid = (low + high + 1) // 2
+            if parent[:mid] == self._chain_path[:mid]:
+                low = mid
+            else:
+                high = mid - 1
+        if low - self._chain_base < 1:
+            # No cached descriptor is parent[:low] (the window starts below it): start over
+            # from the root, whose descriptor stands for the empty prefix.
+            self.close()
+            low = 0
+        while len(self._chain) > low - self._chain_base:
+            os.close(self._chain.pop())
+        self._chain_path = parent[:low]
+        while len(self._chain_path) < len(parent):
+            depth = len(self._chain_path)
+            start_fd = self._chain[-1] if self._chain else self.root_fd
+            # open_parent opens all but the last component: give it a placeholder last one.
+            level = parent[: depth + 1] + (b"",)
+            self._chain.append(open_parent(start_fd, level, name, create=True, start=depth))
+            self._chain_path = parent[: depth + 1]
+            if len(self._chain) > _MAX_CHAIN:
+                os.close(self._chain.pop(0))
+                self._chain_base += 1
+        return os.dup(self._chain[-1] if self._chain else self.root_fd)
 
     # -- members --------------------------------------------------------------------------
 
@@ -311,7 +363,7 @@ class _Unpacker:
             return
         kind = marker_kind(path, member.name)
         if kind is not None and not self.keep_oci_whiteouts:
-            os.close(open_parent(self.root_fd, path, member.name, create=True))
+            os.close(self._parent(path, member.name))
             if kind[0] == OPAQUE:
                 self.opaque.add(path[:-1])
             else:
@@ -321,7 +373,7 @@ class _Unpacker:
         if member.islnk():
             self._link(member, path)
             return
-        parent_fd = open_parent(self.root_fd, path, member.name, create=True)
+        parent_fd = self._parent(path, member.name)
         try:
             self._create(tar, member, path, parent_fd, path[-1])
         finally:
@@ -336,6 +388,7 @@ class _Unpacker:
         if is_dir(st):
             if keep_dir:
                 return True
+            self.close()  # a cached directory may be inside the one removed
             if not remove_tree_at(parent_fd, name):
                 raise UnionfsError(f"cannot replace directory {os.fsdecode(name)!r}")
         else:
@@ -439,7 +492,7 @@ class _Unpacker:
                 ) from None
             if is_dir(st):
                 raise UnsafeMember(member.name, "hard link to a directory")
-            parent_fd = open_parent(self.root_fd, path, member.name, create=True)
+            parent_fd = self._parent(path, member.name)
             try:
                 self._replace(parent_fd, path[-1], keep_dir=False)
                 os.link(
@@ -491,67 +544,78 @@ class _Unpacker:
 
     # -- finishing ------------------------------------------------------------------------
 
-    def _open_existing(self, path: LayerPath) -> int | None:
-        """A descriptor for directory ``path`` if it still is one, else None."""
-        if not path:
-            return os.dup(self.root_fd)
-        try:
-            parent = open_parent(self.root_fd, path, "", create=False)
-        except (UnsafeMember, OSError):
-            return None
-        try:
-            return open_dir(path[-1], parent)
-        except OSError:
-            return None
-        finally:
-            os.close(parent)
-
     def finish(self) -> None:
-        """Write the deferred whiteouts, opaque markers, directory modes and mtimes."""
+        """Write the deferred whiteouts, opaque markers, directory modes and mtimes.
+
+        One iterative walk over the directories of the layer: a directory's whiteouts and
+        opaque marker are written when it is entered, its mode and mtime when it is left
+        (after its children, whose creation would change the mtime). Paths that are not a
+        directory any more (a later member replaced them) are skipped.
+        """
+        self.close()
+        by_parent: dict[LayerPath, list[bytes]] = {}
         for path in sorted(self.whiteouts):
-            parent = self._open_existing(path[:-1])
-            if parent is None:
-                continue
-            try:
-                try:
-                    st = os.stat(path[-1], dir_fd=parent, follow_symlinks=False)
-                except FileNotFoundError:
-                    whiteout.make_whiteout(parent, path[-1])
-                    uid, gid, marker_mtime = self.whiteouts[path]
-                    if self.as_root:
-                        os.chown(path[-1], uid, gid, dir_fd=parent, follow_symlinks=False)
-                    times = (marker_mtime, marker_mtime)
-                    os.utime(path[-1], ns=times, dir_fd=parent, follow_symlinks=False)
-                    self.result.whiteouts += 1
-                else:
-                    # The same layer holds the name: it stays, and hides the lower one anyway,
-                    # but a directory would merge with the lower one unless it is opaque.
-                    if is_dir(st):
-                        self.opaque.add(path)
-            finally:
-                os.close(parent)
-        attr = whiteout.OPAQUE_XATTRS[0] if self.as_root else whiteout.OPAQUE_XATTRS[1]
-        for path in sorted(self.opaque):
-            fd = self._open_existing(path)
-            if fd is None:
-                continue
-            try:
-                whiteout.mark_opaque(fd, attr)
-                self.result.opaque_dirs += 1
-            finally:
-                os.close(fd)
+            by_parent.setdefault(path[:-1], []).append(path[-1])
         self.dir_meta.setdefault((), (0o755, None))
-        for path in sorted(self.dir_meta, key=len, reverse=True):
-            mode, mtime = self.dir_meta[path]
-            fd = self._open_existing(path)
-            if fd is None:
-                continue
-            try:
-                os.fchmod(fd, mode)
-                if mtime is not None:
-                    os.utime(fd, ns=(mtime, mtime))
-            finally:
+        stack: list[tuple[int, LayerPath, list[bytes]]] = []
+        try:
+            root = os.dup(self.root_fd)
+            stack.append((root, (), []))
+            stack[-1] = (root, (), self._enter(root, (), by_parent))
+            while stack:
+                fd, path, subdirs = stack[-1]
+                if subdirs:
+                    name = subdirs.pop()
+                    child = path + (name,)
+                    try:
+                        child_fd = open_dir(name, fd)
+                    except OSError:
+                        continue
+                    stack.append((child_fd, child, []))  # pushed first: always closed
+                    stack[-1] = (child_fd, child, self._enter(child_fd, child, by_parent))
+                    continue
+                stack.pop()
+                try:
+                    meta = self.dir_meta.get(path)
+                    if meta is not None:
+                        os.fchmod(fd, meta[0])
+                        if meta[1] is not None:
+                            os.utime(fd, ns=(meta[1], meta[1]))
+                finally:
+                    os.close(fd)
+        finally:
+            for fd, _path, _subdirs in stack:
                 os.close(fd)
+
+    def _enter(
+        self, fd: int, path: LayerPath, by_parent: dict[LayerPath, list[bytes]]
+    ) -> list[bytes]:
+        """Write the whiteouts and opaque marker of directory ``path``; return its subdirs."""
+        for name in by_parent.get(path, ()):
+            target = path + (name,)
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                whiteout.make_whiteout(fd, name)
+                uid, gid, marker_mtime = self.whiteouts[target]
+                if self.as_root:
+                    os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+                os.utime(name, ns=(marker_mtime, marker_mtime), dir_fd=fd, follow_symlinks=False)
+                self.result.whiteouts += 1
+            else:
+                # The same layer holds the name: it stays, and hides the lower one anyway,
+                # but a directory would merge with the lower one unless it is opaque.
+                if is_dir(st):
+                    self.opaque.add(target)
+        if path in self.opaque:
+            attr = whiteout.OPAQUE_XATTRS[0] if self.as_root else whiteout.OPAQUE_XATTRS[1]
+            whiteout.mark_opaque(fd, attr)
+            self.result.opaque_dirs += 1
+        subdirs = []
+        for name in list_names(fd):
+            if is_dir(os.stat(name, dir_fd=fd, follow_symlinks=False)):
+                subdirs.append(name)
+        return subdirs
 
 
 def _check_destination(dest: Path) -> None:
@@ -622,17 +686,20 @@ def import_layer(
             with opened_dir(os.fsencode(tmp)) as root_fd:
                 budget = _Budget(limits, root_fd)
                 unpacker = _Unpacker(root_fd, keep_oci_whiteouts, allow_devices, result, budget)
-                with tarfile.open(
-                    fileobj=cast(Any, uncompressed),
-                    mode="r|",
-                    encoding="utf-8",
-                    errors="surrogateescape",
-                ) as tar:
-                    for member in tar:
-                        current = member.name
-                        unpacker.add(tar, member)
-                current = ""
-                unpacker.finish()
+                try:
+                    with tarfile.open(
+                        fileobj=cast(Any, uncompressed),
+                        mode="r|",
+                        encoding="utf-8",
+                        errors="surrogateescape",
+                    ) as tar:
+                        for member in tar:
+                            current = member.name
+                            unpacker.add(tar, member)
+                    current = ""
+                    unpacker.finish()
+                finally:
+                    unpacker.close()
             uncompressed.drain()
             raw.drain()
             result.digest, result.diff_id = raw.digest(), uncompressed.digest()

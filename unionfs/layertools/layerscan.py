@@ -108,3 +108,39 @@ def valid_whiteout_target(name: bytes) -> bytes | None:
 def is_dir(st: os.stat_result) -> bool:
     """True when ``st`` describes a directory."""
     return stat.S_ISDIR(st.st_mode)
+
+
+def walk_tree(root_fd: int) -> Iterator[tuple[int, bytes, os.stat_result]]:
+    """Every entry below the directory ``root_fd`` as ``(parent_fd, name, lstat)``, depth first.
+
+    Iterative, so a tree of any depth is fine (one descriptor is open per level below the
+    root); symlinks are never followed and a directory is entered through ``O_NOFOLLOW``.
+    ``parent_fd`` is valid until the next item is asked for. A directory that vanishes or
+    cannot be opened meanwhile is skipped.
+    """
+    stack: list[tuple[int, list[bytes]]] = [(root_fd, list_names(root_fd))]
+    try:
+        while stack:
+            fd, names = stack[-1]
+            if not names:
+                stack.pop()
+                if fd != root_fd:
+                    os.close(fd)
+                continue
+            name = names.pop()
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield fd, name, st
+            if is_dir(st):
+                try:
+                    child = open_dir(name, fd)
+                except OSError:
+                    continue
+                stack.append((child, []))  # pushed first: the finally closes it if listing fails
+                stack[-1] = (child, list_names(child))
+    finally:
+        for fd, _names in stack:
+            if fd != root_fd:
+                os.close(fd)
