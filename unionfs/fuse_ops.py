@@ -255,7 +255,13 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return self.fs.listxattr(inode)
+        names = self.fs.listxattr(inode)
+        if ctx.uid != 0:
+            # Layer filesystems list trusted.* only to CAP_SYS_ADMIN, so the kernel's overlay
+            # shows them to root alone; the daemon lists as root, so it filters here (uid 0
+            # stands for the capability: the request carries no capability set).
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

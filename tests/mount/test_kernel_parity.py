@@ -343,3 +343,16 @@ def test_fallocate_collapse_and_insert_are_refused_by_the_fuse_module(twin) -> N
         os.close(fd)
     assert results[ours] == [errno.errorcode[errno.EOPNOTSUPP]] * 2
     assert results[theirs] == ["ok", "ok"]
+
+
+def test_trusted_xattrs_are_listed_to_root_only(twin) -> None:
+    ours, theirs, _, _ = twin
+    for root in (ours, theirs):
+        os.setxattr(root / "d" / "f", "trusted.mine", b"1")
+        os.setxattr(root / "d" / "f", "user.mine", b"2")
+
+    def fn(m: Path) -> object:
+        return sorted(os.listxattr(m / "d" / "f"))
+
+    assert check(twin, fn, uid=1000, gid=1000) == "['user.mine']"
+    assert "trusted.mine" in check(twin, fn)
