@@ -84,6 +84,8 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # pyfuse3 3.5.0+unionfs.3 passes XATTR_CREATE/XATTR_REPLACE on to setxattr.
+    setxattr_takes_flags = True
     # FUSE_CAP_POSIX_ACL: the kernel enforces the ACLs it reads through getxattr, as it
     # enforces modes under default_permissions (always on). The mount sets it per instance
     # from the noacl option.
@@ -388,11 +390,11 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def setxattr(
-        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext, flags: int = 0
     ) -> None:
         if name.startswith(b"user.unionfs."):
             raise pyfuse3.FUSEError(errno.EPERM)
-        await self.fs.setxattr(inode, name, value)
+        await self.fs.setxattr(inode, name, value, flags)
 
     @boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -777,9 +777,13 @@ class UnionFS(UnionCore):
             else:
                 os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
-    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         """Set ``name`` on ``ino`` after a copy-up; a name of the mount's own overlay
-        namespace is stored escaped (:func:`whiteout.xattr_layer_name`), as the kernel does."""
+        namespace is stored escaped (:func:`whiteout.xattr_layer_name`), as the kernel does.
+
+        ``flags`` (``XATTR_CREATE``/``XATTR_REPLACE``) are applied by the upper filesystem,
+        after the copy-up: a refused request still copies up, as in the kernel.
+        """
         stored = whiteout.xattr_layer_name(name, self.cfg.userxattr)
         if stored is None:
             raise _err(errno.EPERM)
@@ -789,9 +793,9 @@ class UnionFS(UnionCore):
         await self.copy_up(node)
         target = self._xattr_path(node)
         if isinstance(target, int):
-            os.setxattr(target, name, value)
+            os.setxattr(target, name, value, flags)
         else:
-            os.setxattr(target, name, value, follow_symlinks=False)
+            os.setxattr(target, name, value, flags, follow_symlinks=False)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         """Remove ``name`` (escaped like :meth:`setxattr`) from ``ino`` after a copy-up."""

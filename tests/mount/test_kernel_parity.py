@@ -360,3 +360,17 @@ def test_trusted_xattrs_are_listed_to_root_only(twin) -> None:
 
     assert check(twin, fn, uid=1000, gid=1000) == "['user.mine']"
     assert "trusted.mine" in check(twin, fn)
+
+
+def test_setxattr_create_and_replace_flags_after_a_copy_up(twin) -> None:
+    def fn(m: Path) -> object:
+        f = m / "d" / "f"
+        out = [
+            errname(lambda: os.setxattr(f, "user.a", b"1", os.XATTR_REPLACE)),  # copies up
+            errname(lambda: os.setxattr(f, "user.a", b"1", os.XATTR_CREATE)),
+            errname(lambda: os.setxattr(f, "user.a", b"2", os.XATTR_CREATE)),
+            errname(lambda: os.setxattr(f, "user.a", b"3", os.XATTR_REPLACE)),
+        ]
+        return out, os.getxattr(f, "user.a")
+
+    assert check(twin, fn) == "(['ENODATA', 'ok', 'EEXIST', 'ok'], b'3')"
