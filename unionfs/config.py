@@ -7,7 +7,7 @@ Unknown ``-o`` options are warned about and ignored, as fuse-overlayfs does, bec
 ``mount -t fuse.unionfs`` and tools written for fuse-overlayfs pass generic mount options
 (``rw``, ``relatime``, ``x-systemd.*`` ...) that a FUSE daemon does not act on. The kernel mount
 flags ``dev``/``nodev``, ``suid``/``nosuid`` and ``exec``/``noexec`` are honoured (the last one
-given wins); see :func:`unionfs.mount.fuse_options` for the defaults.
+given wins); see :func:`unionfs.daemon.fuse_options` for the defaults.
 
 Validation opens every layer root and the workdir once (:class:`OpenedDir`): the daemon uses
 those descriptors and never resolves the paths again, so a directory swapped for a symlink
@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable
 
 from unionfs.errors import UnionfsError, UsageError
-from unionfs.layers import open_dir_at
+from unionfs.fdops import open_dir_at
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,21 @@
-"""The pyfuse3 adapter: translates requests to :class:`unionfs.writes.UnionFS` calls and back.
+"""The pyfuse3 adapter: translates requests to :class:`unionfs.fs.union.Union` calls and back.
 
-Only this module imports pyfuse3. Each handler is a few lines: translate, call the core,
-translate back. One decorator is the error boundary: ``OSError`` becomes ``FUSEError(errno)``,
-anything else becomes ``EIO`` plus a logged traceback -- an exception escaping a handler would
-end the mount.
+Translation only: apart from the daemon's start-up, this is the one module that imports
+pyfuse3, and it holds no filesystem logic. Each handler is a few lines: translate, call the
+filesystem, translate back. One decorator is the error boundary: ``OSError`` becomes
+``FUSEError(errno)``, anything else becomes ``EIO`` plus a logged traceback -- an exception
+escaping a handler would end the mount. (The filesystem's own boundary, which drops the
+listings a half-done change touched, is :meth:`unionfs.fs.state.State.changing`.)
+
+Replies for objects served from a lower layer never change: they are built once and kept in
+:attr:`Operations.replies` by node id until the filesystem says the node is stale (it moved
+up, or the kernel forgot it), so a repeated lookup or a warm readdir entry is a dict hit.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import json
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -18,9 +23,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from unionfs.core import Attr
-from unionfs.inodes import Node
-from unionfs.writes import Caller, UnionFS
+from unionfs.fs.union import Attr, Caller, Node, Union
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +33,6 @@ HAVE_NODE_ID = hasattr(pyfuse3.EntryAttributes(), "node_id")
 T = TypeVar("T")
 P = ParamSpec("P")
 Ops = TypeVar("Ops", bound="Operations")
-
-# Virtual, read-only xattrs through which any program can ask the daemon about the mount.
-XATTR_INSPECT = b"user.unionfs.inspect"
-XATTR_STATS = b"user.unionfs.stats"
-XATTR_EVENTS = b"user.unionfs.events"
-XATTR_LAYERS = b"user.unionfs.layers"
 
 
 def boundary(
@@ -69,16 +66,6 @@ def _is_ctx(obj: object) -> bool:
     return type(obj).__name__ == "RequestContext"
 
 
-def _is_entry_name(name: bytes) -> bool:
-    """True for a name a directory entry can have: one component, at most 255 bytes."""
-    return (
-        0 < len(name) <= 255
-        and b"/" not in name
-        and b"\0" not in name
-        and name not in (b".", b"..")
-    )
-
-
 class Operations(pyfuse3.Operations):
     """pyfuse3 request handlers for one union mount."""
 
@@ -91,15 +78,22 @@ class Operations(pyfuse3.Operations):
     # from the noacl option.
     enable_acl = True
 
-    def __init__(self, fs: UnionFS, timeout: float, debug: bool = False) -> None:
+    def __init__(self, fs: Union, timeout: float, debug: bool = False) -> None:
         super().__init__()
         self.fs = fs
         self.timeout = timeout
         self.debug = debug
         # Needs pyfuse3 with FileInfo.cache_readdir for opendir (scripts/install.sh builds it).
         self.cache_dirs = timeout > 0 and hasattr(pyfuse3.FileInfo, "cache_readdir")
-        fs.attr_changed = self._invalidate_attrs
+        # Ready-made replies of immutable (lower) nodes, by node id: a compact C struct,
+        # where an os.stat_result would cost three times the memory.
+        self.replies: dict[int, pyfuse3.EntryAttributes] = {}
+        fs.events.on_stale(self._drop_reply)
+        fs.events.on_kernel_stale(self._invalidate_attrs)
         self.initialized = trio.Event()
+
+    def _drop_reply(self, inode: int) -> None:
+        self.replies.pop(inode, None)
 
     async def _invalidate_attrs(self, inode: int) -> None:
         # A notification writes to /dev/fuse and may wait for the kernel: never on the loop.
@@ -109,7 +103,7 @@ class Operations(pyfuse3.Operations):
             log.debug("invalidate_inode(%d): %s", inode, exc)
 
     def init(self) -> None:
-        log.info("serving %s", self.fs.cfg.mountpoint)
+        log.info("serving %s", self.fs.mountpoint)
         # Settings the kernel fixes when it reads the INIT reply (the readahead window) are
         # applied by a task waiting on this, which runs after that reply has been written.
         self.initialized.set()
@@ -144,14 +138,14 @@ class Operations(pyfuse3.Operations):
 
     def entry_for(self, node: Node, attr: Attr | None) -> pyfuse3.EntryAttributes:
         """The reply for ``node``: built once for objects served from a (read-only) lower."""
-        cached = node.fuse_entry
+        cached = self.replies.get(node.ino)
         if cached is not None:
-            return cached  # type: ignore[return-value]
+            return cached
         if attr is None:
             attr = self.fs.attr(node)
         entry = self.entry(attr)
         if node.immutable:
-            node.fuse_entry = entry
+            self.replies[node.ino] = entry
         return entry
 
     def negative(self) -> pyfuse3.EntryAttributes:
@@ -199,34 +193,10 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        fs = self.fs
-        handle = fs.dir_handle(fh)
-        node = handle.node
-        reply = pyfuse3.readdir_reply
-        if start_id == 0:
-            if not reply(token, b".", self.entry_for(node, None), 1):
+        reply, entry_for = pyfuse3.readdir_reply, self.entry_for
+        for name, node, attr, next_id in self.fs.readdir(fh, start_id):
+            if not reply(token, name, entry_for(node, attr), next_id):
                 return
-            start_id = 1
-        if start_id == 1:
-            if not reply(token, b"..", self.entry_for(node.parent or node, None), 2):
-                return
-            start_id = 2
-        names = fs.dir_names(handle)
-        resolve_cached, remember = fs.resolve_cached, fs.table.remember
-        for i in range(start_id - 2, len(names)):
-            name = names[i]
-            child = resolve_cached(node, name)
-            if child is not None:
-                entry = child.fuse_entry
-            else:
-                found = fs.resolve(node, name)
-                if found is None:
-                    continue
-                child, st = found
-                entry = self.entry_for(child, fs.attr_of(child, st))
-            if not reply(token, name, entry, i + 3):  # type: ignore[arg-type]
-                return
-            remember(child)
 
     @boundary
     async def releasedir(self, fh: int) -> None:
@@ -250,9 +220,6 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        virtual = self._virtual_xattr(inode, name)
-        if virtual is not None:
-            return virtual
         return self.fs.getxattr(inode, name)
 
     @boundary
@@ -279,24 +246,6 @@ class Operations(pyfuse3.Operations):
         out.f_favail = sv.f_favail
         out.f_namemax = sv.f_namemax
         return out
-
-    def _virtual_xattr(self, inode: int, name: bytes) -> bytes | None:
-        if name == XATTR_INSPECT:
-            return json.dumps(self.fs.inspect(inode)).encode()
-        if name.startswith(XATTR_INSPECT + b":"):
-            child = name[len(XATTR_INSPECT) + 1 :]
-            if not _is_entry_name(child):
-                # Only a name inside this directory may be asked about: "a/b", ".." or ""
-                # would describe paths outside it, up to any path of the host.
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            return json.dumps(self.fs.inspect(inode, child)).encode()
-        if name == XATTR_STATS:
-            return json.dumps(self.fs.stats.snapshot()).encode()
-        if name == XATTR_EVENTS:
-            return json.dumps(list(self.fs.stats.events)[-200:]).encode()
-        if name == XATTR_LAYERS:
-            return json.dumps(self.fs.layer_table()).encode()
-        return None
 
     # -- write path ---------------------------------------------------------------------
 
@@ -392,8 +341,6 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext, flags: int = 0
     ) -> None:
-        if name.startswith(b"user.unionfs."):
-            raise pyfuse3.FUSEError(errno.EPERM)
         await self.fs.setxattr(inode, name, value, flags)
 
     @boundary

@@ -16,23 +16,11 @@ from __future__ import annotations
 
 import os
 
+from unionfs.fdops import open_dir_at
+
 INO_BITS = 48
 INO_MASK = (1 << INO_BITS) - 1
 SYNTHETIC_FSID = 0xFFFF  # numbers handed out when a real one cannot be used
-
-DIR_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def open_dir_at(dir_fd: int, name: bytes | str) -> int:
-    """Open the directory ``name`` inside ``dir_fd`` for listing, never following a symlink.
-
-    ``O_NOATIME`` keeps reads of lower directories from updating their atime; it is only
-    allowed for the owner or root, so it is dropped when refused.
-    """
-    try:
-        return os.open(name, DIR_OPEN_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
-    except PermissionError:
-        return os.open(name, DIR_OPEN_FLAGS, dir_fd=dir_fd)
 
 
 class Layer:
@@ -94,10 +82,6 @@ class LayerStack:
         self._synthetic: dict[tuple[int, int], int] = {}
         self._next_synthetic = 1
 
-    @property
-    def upper(self) -> Layer | None:
-        return self.layers[0] if self.has_upper else None
-
     def __len__(self) -> int:
         return len(self.layers)
 
@@ -111,23 +95,17 @@ class LayerStack:
             return (fsid << INO_BITS) | st_ino
         return self.synthetic_ino(st_dev, st_ino)
 
-    def synthetic_ino(self, st_dev: int, st_ino: int, fresh: bool = False) -> int:
-        """A number from the private range, the same each time for the same object key.
-
-        ``fresh`` replaces the key's number with a new one: the layer filesystem reused the
-        inode number of an object removed through the mount, which the kernel may still hold.
-        """
+    def synthetic_ino(self, st_dev: int, st_ino: int) -> int:
+        """A number from the private range, the same each time for the same object key: for
+        an object whose own number does not fit in 48 bits, or whose filesystem has no
+        number of its own left."""
         key = (st_dev, st_ino)
         ino = self._synthetic.get(key)
-        if ino is None or fresh:
+        if ino is None:
             ino = (SYNTHETIC_FSID << INO_BITS) | self._next_synthetic
             self._next_synthetic += 1
             self._synthetic[key] = ino
         return ino
-
-    def reused_ino(self, st_dev: int, st_ino: int) -> int | None:
-        """The private number given to (``st_dev``, ``st_ino``) after a reuse, if any."""
-        return self._synthetic.get((st_dev, st_ino))
 
     def close(self) -> None:
         for layer in self.layers:

@@ -94,7 +94,7 @@ def mount(args: list[str]) -> int:
         cfg, log_file = _parse_compat(args[1:]), None
     else:
         cfg, log_file = _parse_mount(args)
-    from unionfs import mount as lifecycle
+    from unionfs import daemon as lifecycle
 
     # Validation opens every layer root and keeps it open: 2,000 layers need the raised limit.
     lifecycle.raise_nofile_limit()
@@ -121,7 +121,7 @@ def umount(args: list[str]) -> int:
     parser.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up later")
     parser.add_argument("mountpoint")
     ns = parser.parse_args(args)
-    from unionfs import mount as lifecycle
+    from unionfs import daemon as lifecycle
 
     mnt = os.path.realpath(ns.mountpoint)
     state = lifecycle.read_state(mnt)

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from unionfs.config import MountConfig
+from unionfs.fs.nodes import ROOT_INO
+from unionfs.fs.union import Union
 from unionfs.fuse_ops import Operations
-from unionfs.inodes import ROOT_INO
-from unionfs.writes import UnionFS
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
@@ -30,7 +30,7 @@ def ops(tmp_path: Path):
     cfg = MountConfig(
         lowers=[str(lower)], mountpoint=str(tmp_path), upper=str(upper), workdir=str(work)
     )
-    fs = UnionFS(cfg)
+    fs = Union(cfg)
     yield Operations(fs, timeout=5.0), lower, upper
     fs.close()
 
@@ -100,7 +100,6 @@ def test_unexpected_exception_becomes_eio(ops, caplog) -> None:
     def boom(*_args: object) -> None:
         raise RuntimeError("bug")
 
-    o.fs.getattr = boom  # type: ignore[method-assign]
     o.fs.node = boom  # type: ignore[method-assign]
     with pytest.raises(pyfuse3.FUSEError) as exc:
         run(o.getattr, ROOT_INO, CTX)

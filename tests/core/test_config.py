@@ -114,7 +114,7 @@ def test_overlap_check_scales_to_thousands(tmp_path: Path) -> None:
     import resource
     import time
 
-    from unionfs.mount import raise_nofile_limit
+    from unionfs.daemon import raise_nofile_limit
 
     raise_nofile_limit()
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 5000
@@ -174,7 +174,7 @@ def test_kernel_mount_flag_options() -> None:
 
 
 def test_fuse_options_follow_the_flags() -> None:
-    from unionfs.mount import fuse_options
+    from unionfs.daemon import fuse_options
 
     cfg = config.MountConfig(lowers=["/a"], mountpoint="/m")
     opts = fuse_options(cfg)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from unionfs.dirindex import build_index, scan_layer_dir
-from unionfs.layers import DIR_OPEN_FLAGS
+from unionfs.fdops import DIR_OPEN_FLAGS
+from unionfs.format import scan_layer_dir
+from unionfs.fs.listing import build_index
 
 
 def _index(*dirs: Path):

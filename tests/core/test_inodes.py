@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from unionfs.inodes import ROOT_INO, Node, NodeTable
+from unionfs.fs.nodes import ROOT_INO, Node, NodeTable
 from unionfs.layers import INO_BITS, SYNTHETIC_FSID, LayerStack
 
 
@@ -43,8 +43,6 @@ def test_numbers_are_stable_and_partitioned(tmp_path: Path) -> None:
     big = stack.natural_ino(st.st_dev, 1 << 50)  # does not fit: private range
     assert big >> INO_BITS == SYNTHETIC_FSID
     assert stack.natural_ino(st.st_dev, 1 << 50) == big
-    fresh = stack.synthetic_ino(st.st_dev, 1 << 50, fresh=True)
-    assert fresh != big and stack.reused_ino(st.st_dev, 1 << 50) == fresh
 
 
 def test_dir_fd_lru_is_bounded(tmp_path: Path) -> None:

@@ -15,16 +15,17 @@ import pytest
 from tests.oracle.layergen import generate_stack, make_layer_dirs
 from unionfs import parallel
 from unionfs.config import MountConfig
-from unionfs.core import UnionCore
-from unionfs.inodes import Node
+from unionfs.fs import listing, lookup
+from unionfs.fs.nodes import Node
+from unionfs.fs.union import Union
 
 
-def merged_tree(core: UnionCore) -> list[tuple[object, ...]]:
+def merged_tree(core: Union) -> list[tuple[object, ...]]:
     out: list[tuple[object, ...]] = []
 
     def walk(node: Node, path: bytes) -> None:
-        for name in sorted(core.index_of(node).names()):
-            found = core.resolve(node, name)
+        for name in sorted(listing.index_of(core.s, node).names()):
+            found = lookup.resolve(core.s, node, name)
             if found is None:
                 out.append((path + name, None))
                 continue
@@ -33,7 +34,7 @@ def merged_tree(core: UnionCore) -> list[tuple[object, ...]]:
             if child.is_dir:
                 walk(child, path + name + b"/")
 
-    walk(core.root(), b"/")
+    walk(core.table.root, b"/")
     return out
 
 
@@ -64,7 +65,7 @@ def test_threaded_chains_match_serial(
     before = open_fds()
     for threshold in (10**9, 1):
         monkeypatch.setattr(parallel, "MIN_ITEMS", threshold)
-        core = UnionCore(cfg)
+        core = Union(cfg)
         try:
             trees.append(merged_tree(core))
         finally:

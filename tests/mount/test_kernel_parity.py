@@ -301,7 +301,7 @@ FALLOC_COLLAPSE_RANGE, FALLOC_INSERT_RANGE = 0x08, 0x20
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    from unionfs.sysc import fallocate
+    from unionfs.fdops import fallocate
 
     fallocate(fd, mode, offset, length)
 

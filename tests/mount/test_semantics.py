@@ -542,7 +542,7 @@ def test_failed_rename_into_a_merged_dir_marks_the_source_opaque(
 
 def test_auto_unmount_after_the_daemon_dies(union: Callable[[int], Union]) -> None:
     from unionfs.api import mount
-    from unionfs.mount import read_state
+    from unionfs.daemon import read_state
 
     u = union(1)
     write(u.lowers[0] / "f", "x")

@@ -23,8 +23,8 @@ import pytest
 
 from tests.conftest import Union, write
 from tests.oracle.backends import copy_tree
-from unionfs import whiteout
-from unionfs.inodes import ROOT_INO
+from unionfs import format
+from unionfs.fs.nodes import ROOT_INO
 from unionfs.layers import INO_MASK
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel]
@@ -33,7 +33,7 @@ ATTR = "trusted.overlay.origin"
 
 
 def handle(dir_fd: int, name: bytes) -> bytes:
-    value = whiteout.encode_origin(dir_fd, name)
+    value = format.encode_origin(dir_fd, name)
     assert value is not None
     return value
 
@@ -77,9 +77,9 @@ def forge(u: Union, tmp_path: Path) -> dict[str, str]:
         file("bad_version", b"\x07" + b[1:])
         file("unknown_flag", b[:3] + b"\x80" + b[4:])
         # Only a hint for the kernel's index: decoded anyway, as the kernel does.
-        path_upper = b[:3] + bytes([whiteout.OVL_FH_FLAG_PATH_UPPER]) + b[4:]
+        path_upper = b[:3] + bytes([format.OVL_FH_FLAG_PATH_UPPER]) + b[4:]
         file("path_upper", path_upper, want="lower:b")
-        file("big_endian", b[:3] + bytes([whiteout.OVL_FH_FLAG_BIG_ENDIAN]) + b[4:])
+        file("big_endian", b[:3] + bytes([format.OVL_FH_FLAG_BIG_ENDIAN]) + b[4:])
         file("bad_uuid", b[:5] + b"\x42" * 16 + b[21:])
         file("dir_on_file", d)
         file("root_on_file", root)

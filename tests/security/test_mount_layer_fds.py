@@ -65,14 +65,14 @@ def test_layer_parents_swapped_for_symlinks_after_mount(tmp_path: Path) -> None:
 SWAP_AFTER_VALIDATION = textwrap.dedent(
     """
     import os, sys
-    from unionfs import config, mount
+    from unionfs import config, daemon
     lower, upper, work, mnt, target = sys.argv[1:6]
     cfg = config.MountConfig(lowers=[lower], mountpoint=mnt, upper=upper, workdir=work)
     config.validate(cfg)
     # Between validation and use: the workdir becomes a symlink to the target.
     os.rename(work, work + ".real")
     os.symlink(target, work)
-    sys.exit(mount.daemonize_and_serve(cfg, None))
+    sys.exit(daemon.daemonize_and_serve(cfg, None))
     """
 )
 
@@ -159,7 +159,7 @@ def test_racing_swapper_during_copy_ups_and_lookups(tmp_path: Path) -> None:
     bounded loop) while copy-ups, creates and lookups run through the mount."""
     import threading
 
-    from unionfs.sysc import AT_FDCWD, RENAME_EXCHANGE, renameat2
+    from unionfs.fdops import AT_FDCWD, RENAME_EXCHANGE, renameat2
 
     real = tmp_path / "layers"
     for d in ("l0", "upper", "work"):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Union
-from unionfs.mount import read_state
+from unionfs.daemon import read_state
 
 pytestmark = pytest.mark.mount
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Union, write
-from unionfs.sysc import RENAME_EXCHANGE, renameat2
+from unionfs.fdops import RENAME_EXCHANGE, renameat2
 
 pytestmark = pytest.mark.mount
 

@@ -8,6 +8,6 @@
 * :mod:`.progress` -- a stderr progress bar;
 * :mod:`.cli` -- the argument parsing for the three commands.
 
-The on-disk whiteout and opaque forms are defined in :mod:`unionfs.whiteout`; the format and
+The on-disk whiteout and opaque forms are defined in :mod:`unionfs.format`; the format and
 the mapping to OCI tar members are described in ``docs/layers.md``.
 """

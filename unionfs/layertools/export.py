@@ -12,7 +12,7 @@ Mapping from the overlayfs upper to tar members (see ``docs/layers.md``):
 * headers are PAX with numeric owners, empty user and group names, no atime or ctime, the
   mtime with nanoseconds (a PAX ``mtime`` record when it is not a whole second), and the
   xattrs as ``SCHILY.xattr.<name>`` records in name order. Internal xattrs
-  (:func:`unionfs.whiteout.is_internal_xattr`) and ``security.selinux`` (a host label) are
+  (:func:`unionfs.format.is_internal_xattr`) and ``security.selinux`` (a host label) are
   left out;
 * gzip output has no file name and mtime 0; zstd output is one frame at a fixed level.
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
-from unionfs import whiteout
+from unionfs import fdops, format
 from unionfs.errors import UnionfsError
 from unionfs.layertools.layerscan import (
     LayerPath,
@@ -144,7 +144,7 @@ def _mtime_record(mtime_ns: int) -> tuple[int, str | None]:
 
 
 def _xattrs(target: bytes | int, where: LayerPath) -> list[tuple[bytes, bytes]]:
-    """The exported xattrs of ``target`` (an fd, or a path from ``whiteout.at_path``)."""
+    """The exported xattrs of ``target`` (an fd, or a path from ``fdops.at_path``)."""
     follow = isinstance(target, int)
     try:
         names = sorted(os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow))
@@ -159,7 +159,7 @@ def _xattrs(target: bytes | int, where: LayerPath) -> list[tuple[bytes, bytes]]:
                 f"{display(where)} uses the overlayfs {os.fsdecode(name)} feature, "
                 "which an OCI layer cannot express; mount with redirect_dir=off,metacopy=off"
             )
-        if whiteout.is_internal_xattr(name) or name in _HOST_XATTRS:
+        if format.is_internal_xattr(name) or name in _HOST_XATTRS:
             continue
         try:
             value = os.getxattr(target, name, follow_symlinks=follow)
@@ -241,7 +241,7 @@ class _Walker:
                         "skipping socket %s: a tar layer cannot hold sockets", display(child)
                     )
                     continue
-                info = _header(child, st, _xattrs(whiteout.at_path(frame.fd, name), child))
+                info = _header(child, st, _xattrs(fdops.at_path(frame.fd, name), child))
                 self._set_type(info, st, frame.fd, name)
                 yield _Member(info, frame.fd, name)
                 if is_dir(st):
@@ -264,9 +264,9 @@ class _Walker:
         frame.names = sorted(layer.entries, reverse=True)  # popped from the end: name order
         if layer.opaque or whited_out:
             dir_st = os.fstat(frame.fd)
-            yield self._marker(frame.path + (whiteout.OCI_OPAQUE_NAME,), dir_st, frame.fd)
+            yield self._marker(frame.path + (format.OCI_OPAQUE_NAME,), dir_st, frame.fd)
         for target in sorted(layer.whiteouts - layer.entries.keys()):
-            marker = whiteout.OCI_WHITEOUT_PREFIX + target
+            marker = format.OCI_WHITEOUT_PREFIX + target
             try:
                 st = os.stat(target, dir_fd=frame.fd, follow_symlinks=False)
             except FileNotFoundError:

@@ -38,9 +38,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import IO, Any, cast
 
-from unionfs import whiteout
-from unionfs.copyup import remove_tree_at
+from unionfs import fdops, format
 from unionfs.errors import UnionfsError
+from unionfs.fs.workdir import remove_tree_at
 from unionfs.layertools.layerscan import LayerPath, is_dir, list_names, open_dir, opened_dir
 from unionfs.layertools.progress import Progress
 from unionfs.layertools.tarsafety import (
@@ -124,7 +124,7 @@ def _xattrs(member: tarfile.TarInfo) -> list[tuple[bytes, bytes]]:
         if not key.startswith(_XATTR_PREFIX):
             continue
         name = os.fsencode(key[len(_XATTR_PREFIX) :])
-        if whiteout.is_internal_xattr(name):
+        if format.is_internal_xattr(name):
             log.warning("%s: dropping internal xattr %s", member.name, os.fsdecode(name))
             continue
         found.append((name, value.encode("utf-8", "surrogateescape")))
@@ -532,7 +532,7 @@ class _Unpacker:
             # The object was just created by us under a private directory: not a symlink.
             os.chmod(name, mode, dir_fd=fd)
         for attr, value in _xattrs(member):
-            self._setxattr(whiteout.at_path(fd, name), attr, value, member)
+            self._setxattr(fdops.at_path(fd, name), attr, value, member)
         os.utime(name, ns=(mtime, mtime), dir_fd=fd, follow_symlinks=False)
 
     @staticmethod
@@ -596,7 +596,7 @@ class _Unpacker:
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
-                whiteout.make_whiteout(fd, name)
+                format.make_whiteout(fd, name)
                 uid, gid, marker_mtime = self.whiteouts[target]
                 if self.as_root:
                     os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
@@ -608,8 +608,8 @@ class _Unpacker:
                 if is_dir(st):
                     self.opaque.add(target)
         if path in self.opaque:
-            attr = whiteout.OPAQUE_XATTRS[0] if self.as_root else whiteout.OPAQUE_XATTRS[1]
-            whiteout.mark_opaque(fd, attr)
+            attr = format.OPAQUE_XATTRS[0] if self.as_root else format.OPAQUE_XATTRS[1]
+            format.mark_opaque(fd, attr)
             self.result.opaque_dirs += 1
         subdirs = []
         for name in list_names(fd):

@@ -1,6 +1,6 @@
 """How one directory of a layer reads: its entries, its whiteouts, and whether it is opaque.
 
-Every form listed in :mod:`unionfs.whiteout` is recognised: char 0/0 whiteouts, ``.wh.<name>``
+Every form listed in :mod:`unionfs.format` is recognised: char 0/0 whiteouts, ``.wh.<name>``
 files, xattr whiteouts inside a directory whose ``overlay.opaque`` is ``"x"``, the
 ``overlay.opaque="y"`` xattr and the ``.wh..wh..opq`` entry. Names are bytes throughout and
 every lookup is relative to a directory file descriptor without following symlinks.
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from unionfs import whiteout
+from unionfs import format
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,21 @@ def scan_dir(dir_fd: int) -> LayerDir:
     skipped with a warning; they are never reported as entries.
     """
     result = LayerDir()
-    opaque_value = whiteout.opaque_value(dir_fd)
-    result.opaque = opaque_value == whiteout.OPAQUE_YES
-    xattr_whiteouts = opaque_value == whiteout.OPAQUE_XWHITEOUTS
+    opaque_value = format.opaque_value(dir_fd)
+    result.opaque = opaque_value == format.OPAQUE_YES
+    xattr_whiteouts = opaque_value == format.OPAQUE_XWHITEOUTS
     for name in list_names(dir_fd):
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if name == whiteout.OCI_OPAQUE_NAME:
+        if name == format.OCI_OPAQUE_NAME:
             result.opaque = True
-        elif whiteout.is_marker_name(name):
+        elif format.is_marker_name(name):
             target = valid_whiteout_target(name)
             if target is None:
                 log.warning("ignoring invalid whiteout marker %r", os.fsdecode(name))
             else:
                 result.whiteouts.add(target)
-        elif whiteout.is_chardev_whiteout(st) or (
-            xattr_whiteouts and whiteout.is_xattr_whiteout(dir_fd, name, st)
+        elif format.is_chardev_whiteout(st) or (
+            xattr_whiteouts and format.is_xattr_whiteout(dir_fd, name, st)
         ):
             result.whiteouts.add(name)
         else:
@@ -96,11 +96,11 @@ def scan_dir(dir_fd: int) -> LayerDir:
 def valid_whiteout_target(name: bytes) -> bytes | None:
     """The name hidden by the OCI whiteout ``name``, or None when it is not a valid one.
 
-    Stricter than :func:`unionfs.whiteout.oci_target`: a target that is itself a marker
+    Stricter than :func:`unionfs.format.oci_target`: a target that is itself a marker
     (``.wh..wh.foo``, AUFS metadata) is refused too.
     """
-    target = whiteout.oci_target(name)
-    if target is None or whiteout.is_marker_name(target) or b"/" in target or b"\0" in target:
+    target = format.oci_target(name)
+    if target is None or format.is_marker_name(target) or b"/" in target or b"\0" in target:
         return None
     return target
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-from unionfs import whiteout
+from unionfs import format
 from unionfs.errors import UnionfsError
 from unionfs.layertools.layerscan import LayerPath, display, open_dir, valid_whiteout_target
 
@@ -46,9 +46,9 @@ def member_path(name: str, *, what: str = "path") -> LayerPath:
         parts = tuple(part for part in parts if part not in (b"", b"."))
     if b".." in parts:
         raise UnsafeMember(name, f"'..' component in the {what}")
-    if whiteout.OCI_WHITEOUT_PREFIX in raw:
+    if format.OCI_WHITEOUT_PREFIX in raw:
         for part in parts[:-1]:
-            if whiteout.is_marker_name(part):
+            if format.is_marker_name(part):
                 raise UnsafeMember(
                     name, f"whiteout marker {os.fsdecode(part)!r} used as a directory"
                 )
@@ -61,9 +61,9 @@ def marker_kind(path: LayerPath, name: str) -> tuple[str, bytes] | None:
     Raises :class:`UnsafeMember` for names that start with ``.wh.`` but are no valid marker:
     ``.wh.``, ``.wh..``, ``.wh...``, ``.wh..wh.<x>`` (AUFS metadata) and the like.
     """
-    if not path or not whiteout.is_marker_name(path[-1]):
+    if not path or not format.is_marker_name(path[-1]):
         return None
-    if path[-1] == whiteout.OCI_OPAQUE_NAME:
+    if path[-1] == format.OCI_OPAQUE_NAME:
         return OPAQUE, b""
     target = valid_whiteout_target(path[-1])
     if target is None:

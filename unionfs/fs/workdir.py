@@ -1,4 +1,5 @@
-"""Copy-up building blocks: data (reflink, copy_file_range, holes kept), metadata, cleanup.
+"""The work directory: temporary names, data copies (reflink, copy_file_range, holes kept),
+and removing trees there without leaving the upper's mount.
 
 A copy-up is always built under a temporary name in the workdir's ``work/`` directory -- data,
 owner, mode, xattrs, origin, times -- made durable when the mount syncs, then renamed
@@ -17,8 +18,9 @@ import os
 import stat
 from dataclasses import dataclass
 
-from unionfs import whiteout
-from unionfs.sysc import mount_id
+from unionfs import format
+from unionfs.errors import UnionfsError
+from unionfs.fdops import DIR_OPEN_FLAGS, mount_id, open_dir_at
 
 log = logging.getLogger(__name__)
 
@@ -98,70 +100,6 @@ def _copy_range(src_fd: int, dst_fd: int, start: int, end: int, devs: tuple[int,
         if n == 0:
             break  # the source shrank under us; the final ftruncate fixes the size
         pos += n
-
-
-def copy_xattrs(src: bytes | int, dst: bytes | int, userxattr: bool | None = None) -> None:
-    """Copy every xattr that is not internal to the layer format from ``src`` to ``dst``.
-
-    ``src``/``dst`` are descriptors or ``/proc/self/fd/N/name`` paths (never followed). With
-    ``userxattr`` (the mount's mode), what the mount shows is copied, as the kernel does
-    (escaped names, and the other namespace's overlay names but its markers); without it,
-    nothing in either overlay namespace but escaped names.
-    """
-    follow = isinstance(src, int)
-    try:
-        names = os.listxattr(src) if follow else os.listxattr(src, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return
-        raise
-    for name in names:
-        bname = os.fsencode(name)
-        if userxattr is None:
-            if whiteout.is_internal_xattr(bname):
-                continue
-        elif whiteout.is_private_xattr(bname, userxattr):
-            continue
-        try:
-            if follow:
-                value = os.getxattr(src, bname)
-            else:
-                value = os.getxattr(src, bname, follow_symlinks=False)
-            if isinstance(dst, int):
-                os.setxattr(dst, bname, value)
-            else:
-                os.setxattr(dst, bname, value, follow_symlinks=False)
-        except OSError as exc:
-            # security.* labels the upper filesystem refuses are not fatal, as in the kernel.
-            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM) and not bname.startswith(
-                b"user."
-            ):
-                log.debug("xattr %r not copied: %s", bname, exc)
-                continue
-            raise
-
-
-def set_origin(target: bytes | int, attr: bytes, origin: bytes | None) -> None:
-    """Store ``origin`` (a value made by :func:`whiteout.encode_origin`) as ``attr`` on the
-    copy being built (a descriptor, or a ``/proc/self/fd/N/name`` path, never followed).
-
-    Nothing is stored for None (the lower filesystem makes no file handles), nor where the
-    upper refuses the xattr: the object then shows its upper inode number, as in the kernel.
-    """
-    if origin is None:
-        return
-    try:
-        if isinstance(target, int):
-            os.setxattr(target, attr, origin)
-        else:
-            os.setxattr(target, attr, origin, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-            raise
-        log.debug("origin not stored: %s", exc)
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -270,7 +208,7 @@ def _open_same_mount(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> 
     it was examined is never entered.
     """
     try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, DIR_OPEN_FLAGS, dir_fd=dir_fd)
     except (FileNotFoundError, NotADirectoryError):
         return None
     if _foreign(os.fstat(fd), _mount_id(fd), home):
@@ -315,3 +253,68 @@ def clean_workdir(work_fd: int, kept: list[bytes] | None = None) -> int:
         elif kept is not None:
             kept.append(child)
     return count
+
+
+class Workdir:
+    """The mount's workdir: locked for the mount's life, with ``work/`` open and emptied.
+
+    :meth:`open` returns the warnings the mount should print; nothing is appended to the
+    configuration.
+    """
+
+    def __init__(self) -> None:
+        self.work_fd = -1
+        self.lock_fd = -1
+        self.upper_dev = 0
+        # Owner and group of a file created in work/: a copy with them needs no chown.
+        self.euid, self.egid = os.geteuid(), os.getegid()
+        # Whiteouts are written as .wh.<name> files: the upper filesystem refuses mknod.
+        self.oci_whiteouts = False
+
+    def open(self, workdir: str, read_only: bool) -> list[str]:
+        """Lock the workdir and open its ``work/``, through the descriptor opened when the
+        configuration was validated (``workdir`` is then an ``OpenedDir``): the path is not
+        resolved again, so a workdir swapped for a symlink since then is not followed. An
+        unvalidated configuration (unit tests) opens the path now, never through a symlink.
+
+        Returns warnings for the user. Raises UnionfsError when the workdir is in use by
+        another mount or not writable.
+        """
+        take = getattr(workdir, "take", None)
+        wfd = take() if take is not None else open_dir_at(-1, workdir)
+        try:
+            fcntl.flock(wfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(wfd)
+            raise UnionfsError(f"workdir {workdir!r} is in use by another unionfs mount") from None
+        self.lock_fd = wfd
+        if read_only:
+            return []
+        try:
+            os.mkdir(WORK_SUBDIR, 0o700, dir_fd=wfd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise UnionfsError(f"workdir {workdir!r} is not writable: {exc.strerror}") from None
+        self.work_fd = open_dir_at(wfd, WORK_SUBDIR)
+        work_st = os.fstat(self.work_fd)
+        if work_st.st_mode & stat.S_ISGID:  # new files take the directory's group
+            self.egid = work_st.st_gid
+        self.upper_dev = work_st.st_dev
+        cleaned = clean_workdir(self.work_fd)
+        if cleaned:
+            log.warning("removed %d leftover(s) of interrupted copy-ups from %s", cleaned, workdir)
+        if not format.mknod_whiteouts_supported(self.work_fd):
+            self.oci_whiteouts = True
+            return ["the upper filesystem refuses mknod: whiteouts are written as .wh.<name> files"]
+        return []
+
+    def remove(self, name: bytes) -> bool:
+        """Remove ``name`` (a tree built or moved into ``work/``) with everything below it."""
+        return remove_tree_at(self.work_fd, name)
+
+    def close(self) -> None:
+        for fd in (self.work_fd, self.lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.work_fd = self.lock_fd = -1

@@ -97,11 +97,15 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 
 
 def _build(cfg: MountConfig) -> Any:
+    from unionfs.fs.union import Union
     from unionfs.fuse_ops import Operations
-    from unionfs.writes import UnionFS
 
-    fs = UnionFS(cfg)
-    _fit_fd_cache(fs)
+    fs = Union(cfg)
+    try:
+        _fit_fd_cache(fs)
+    except BaseException:
+        fs.close()
+        raise
     ops = Operations(fs, cfg.timeout, debug=cfg.debug)
     # default_permissions is always on: let the kernel enforce POSIX ACLs too (it reads
     # system.posix_acl_access through getxattr), unless the mount says noacl.

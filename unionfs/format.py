@@ -1,4 +1,8 @@
-"""Every on-disk whiteout and opaque form, read and written in one place.
+"""The on-disk format: every whiteout, opaque, origin and impure form, read and written here.
+
+This is the only module that knows what a name or an xattr in a layer means. The mount
+(:mod:`unionfs.fs`) and the layer tools (:mod:`unionfs.layertools`) read and write layers
+through it; the system calls themselves are :mod:`unionfs.fdops`'s.
 
 The format is the one of Linux overlayfs (Documentation/filesystems/overlayfs.rst), so a set
 of layers written by unionfs mounts under the kernel's overlayfs with the same view, plus the
@@ -43,12 +47,20 @@ shown back unescaped (:func:`xattr_layer_name`, :func:`xattr_mount_name`).
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
+import enum
 import errno
-import fcntl
+import logging
 import os
 import stat
+import struct
 import sys
+from collections.abc import Iterator
+
+from unionfs import fdops
+from unionfs.fdops import fd_getxattr, getxattr_at
+
+log = logging.getLogger(__name__)
 
 OCI_WHITEOUT_PREFIX = b".wh."
 OCI_OPAQUE_NAME = b".wh..wh..opq"
@@ -58,6 +70,25 @@ WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
 ORIGIN_XATTRS = (b"trusted.overlay.origin", b"user.overlay.origin")
 # Written by unionfs before it used the kernel's format: read as a fallback, never written.
 OLD_ORIGIN_XATTRS = (b"trusted.unionfs.origin", b"user.unionfs.origin")
+
+# The kernel marks an upper directory "impure" once it may hold an entry with an origin.
+IMPURE_XATTRS = (b"trusted.overlay.impure", b"user.overlay.impure")
+
+
+@dataclasses.dataclass(frozen=True)
+class XattrNames:
+    """The xattr names one mount writes and reads first, by mode (``userxattr``)."""
+
+    opaque: bytes
+    origin: bytes
+    old_origin: bytes
+    impure: bytes
+
+    @classmethod
+    def for_mode(cls, userxattr: bool) -> XattrNames:
+        i = 1 if userxattr else 0
+        return cls(OPAQUE_XATTRS[i], ORIGIN_XATTRS[i], OLD_ORIGIN_XATTRS[i], IMPURE_XATTRS[i])
+
 
 # Value of overlay.opaque: "y" hides lower dirs; "x" only announces xattr whiteouts inside.
 OPAQUE_YES = b"y"
@@ -166,48 +197,6 @@ def is_chardev_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def at_path(dir_fd: int, name: bytes) -> bytes:
-    """A path naming ``name`` inside the directory open as ``dir_fd``, for the *xattr calls.
-
-    Linux has no ``getxattrat``. Resolving ``/proc/self/fd/N/name`` with the path-based call
-    and ``follow_symlinks=False`` walks into the directory ``dir_fd`` refers to, then takes
-    ``name`` there without following it: the same effect, and a symlink in a layer can never
-    redirect the call outside the layer. ``name`` is one path component (no ``/``).
-    """
-    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
-
-
-def _quiet(exc: OSError) -> bool:
-    return exc.errno in (
-        errno.ENODATA,
-        errno.ENOTSUP,
-        errno.EOPNOTSUPP,
-        errno.ENOENT,
-        errno.EPERM,
-        errno.EACCES,
-    )
-
-
-def getxattr_at(dir_fd: int, name: bytes, attr: bytes) -> bytes | None:
-    """The value of xattr ``attr`` on ``name`` in ``dir_fd`` (never followed), or None."""
-    try:
-        return os.getxattr(at_path(dir_fd, name), attr, follow_symlinks=False)
-    except OSError as exc:
-        if _quiet(exc):
-            return None
-        raise
-
-
-def fd_getxattr(fd: int, attr: bytes) -> bytes | None:
-    """The value of xattr ``attr`` on the open (not ``O_PATH``) descriptor ``fd``, or None."""
-    try:
-        return os.getxattr(fd, attr)
-    except OSError as exc:
-        if _quiet(exc):
-            return None
-        raise
-
-
 _OPAQUE_XATTR_NAMES = tuple(os.fsdecode(a) for a in OPAQUE_XATTRS)
 
 
@@ -220,7 +209,7 @@ def opaque_value(dir_fd: int) -> bytes | None:
     try:
         names = os.listxattr(dir_fd)
     except OSError as exc:
-        if _quiet(exc):
+        if fdops.quiet(exc):
             return None
         raise
     for attr, name in zip(OPAQUE_XATTRS, _OPAQUE_XATTR_NAMES, strict=True):
@@ -290,49 +279,6 @@ OVL_FH_FLAG_PATH_UPPER = 1 << 2
 _OVL_FH_FLAG_ALL = OVL_FH_FLAG_BIG_ENDIAN | OVL_FH_FLAG_ANY_ENDIAN | OVL_FH_FLAG_PATH_UPPER
 _OVL_FH_FLAG_CPU_ENDIAN = OVL_FH_FLAG_BIG_ENDIAN if sys.byteorder == "big" else 0
 _OVL_FB_HEADER = 21
-NULL_UUID = bytes(16)
-
-MAX_HANDLE_SZ = 128
-_AT_EMPTY_PATH = 0x1000
-# FS_IOC_GETFSUUID = _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16];}) (Linux 6.5+).
-_FS_IOC_GETFSUUID = (2 << 30) | (17 << 16) | (0x15 << 8)
-
-
-class _FileHandle(ctypes.Structure):
-    _fields_ = [
-        ("handle_bytes", ctypes.c_uint),
-        ("handle_type", ctypes.c_int),
-        ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ),
-    ]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_name_to_handle_at = _libc.name_to_handle_at
-_name_to_handle_at.argtypes = [
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.POINTER(_FileHandle),
-    ctypes.POINTER(ctypes.c_int),
-    ctypes.c_int,
-]
-_name_to_handle_at.restype = ctypes.c_int
-_open_by_handle_at = _libc.open_by_handle_at
-_open_by_handle_at.argtypes = [ctypes.c_int, ctypes.POINTER(_FileHandle), ctypes.c_int]
-_open_by_handle_at.restype = ctypes.c_int
-
-
-def fs_uuid(fd: int) -> bytes:
-    """The ``s_uuid`` of the filesystem holding the open descriptor ``fd`` (16 bytes).
-
-    This is the uuid the kernel writes into origin handles. A filesystem that has none, or a
-    kernel without FS_IOC_GETFSUUID, gives the null uuid (what the kernel writes for it too).
-    """
-    try:
-        raw = fcntl.ioctl(fd, _FS_IOC_GETFSUUID, bytes(17))
-    except OSError:
-        return NULL_UUID
-    length = raw[0]
-    return bytes(raw[1 : 1 + length]).ljust(16, b"\0")[:16]
 
 
 def encode_origin(dir_fd: int, name: bytes = b"", uuid: bytes | None = None) -> bytes | None:
@@ -340,26 +286,21 @@ def encode_origin(dir_fd: int, name: bytes = b"", uuid: bytes | None = None) -> 
     ``dir_fd`` (with ``name`` empty: the object open as ``dir_fd``), never following it.
 
     ``dir_fd`` must not be an ``O_PATH`` descriptor (the uuid is read with an ioctl).
-    ``uuid`` is the lower filesystem's (:func:`fs_uuid`), looked up when not given. None when
-    the filesystem cannot make file handles: the kernel then writes no origin either.
+    ``uuid`` is the lower filesystem's (:func:`fdops.fs_uuid`), looked up when not given. None
+    when the filesystem cannot make file handles: the kernel then writes no origin either.
     """
-    handle = _FileHandle()
-    handle.handle_bytes = MAX_HANDLE_SZ
-    mount_id = ctypes.c_int()
-    flags = _AT_EMPTY_PATH if not name else 0
-    if _name_to_handle_at(dir_fd, name, ctypes.byref(handle), ctypes.byref(mount_id), flags) < 0:
+    found = fdops.name_to_handle_at(dir_fd, name)
+    if found is None:
         return None
+    htype, fid = found
     if uuid is None:
         # A layer object is never a mount point: it shares its parent's filesystem.
-        uuid = fs_uuid(dir_fd)
-    fid = bytes(handle.f_handle[: handle.handle_bytes])
+        uuid = fdops.fs_uuid(dir_fd)
     length = _OVL_FB_HEADER + len(fid)
-    if length > 255 or handle.handle_type > 255 or handle.handle_type < 0:
+    if length > 255 or htype > 255 or htype < 0:
         return None
     return (
-        bytes((OVL_FH_VERSION, OVL_FH_MAGIC, length, _OVL_FH_FLAG_CPU_ENDIAN, handle.handle_type))
-        + uuid
-        + fid
+        bytes((OVL_FH_VERSION, OVL_FH_MAGIC, length, _OVL_FH_FLAG_CPU_ENDIAN, htype)) + uuid + fid
     )
 
 
@@ -378,21 +319,252 @@ def decode_origin(raw: bytes) -> tuple[bytes, int, bytes] | None:
     ):
         return None
     fid = raw[_OVL_FB_HEADER:]
-    if not fid or len(fid) % 4 or len(fid) > MAX_HANDLE_SZ:
+    if not fid or len(fid) % 4 or len(fid) > fdops.MAX_HANDLE_SZ:
         return None
     return raw[5:_OVL_FB_HEADER], htype, fid
 
 
-def open_origin(mount_fd: int, htype: int, fid: bytes) -> int:
-    """Open the object of a decoded handle on the filesystem of ``mount_fd`` with ``O_PATH``
-    (nothing is read through it). Raises OSError: ESTALE for a handle naming nothing, EPERM
-    without CAP_DAC_READ_SEARCH."""
-    handle = _FileHandle()
-    handle.handle_bytes = len(fid)
-    handle.handle_type = htype
-    ctypes.memmove(handle.f_handle, fid, len(fid))
-    fd = _open_by_handle_at(mount_fd, ctypes.byref(handle), os.O_PATH | os.O_CLOEXEC)
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return fd
+def set_origin(target: fdops.Target, attr: bytes, origin: bytes | None) -> None:
+    """Store ``origin`` (a value made by :func:`encode_origin`) as ``attr`` on the copy being
+    built (a descriptor, or an :func:`fdops.at_path` path, never followed).
+
+    Nothing is stored for None (the lower filesystem makes no file handles), nor where the
+    upper refuses the xattr: the object then shows its upper inode number, as in the kernel.
+    """
+    if origin is None:
+        return
+    try:
+        fdops.setxattr(target, attr, origin)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+        log.debug("origin not stored: %s", exc)
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginXattr:
+    """What an upper object's origin xattrs say: the kernel's handle, or an old unionfs
+    number (8 bytes, little-endian), or neither."""
+
+    handle: bytes | None = None
+    old_number: int | None = None
+
+
+def read_origin_xattr(dir_fd: int, name: bytes, names: XattrNames) -> OriginXattr | None:
+    """The origin recorded on ``name`` in the upper directory ``dir_fd`` (never followed);
+    None when it carries none (or its xattrs cannot be read)."""
+    try:
+        listed = os.listxattr(fdops.at_path(dir_fd, name), follow_symlinks=False)
+    except OSError:
+        return None
+    if os.fsdecode(names.origin) in listed:
+        raw = getxattr_at(dir_fd, name, names.origin)
+        return None if raw is None else OriginXattr(handle=raw)
+    if os.fsdecode(names.old_origin) in listed:
+        raw = getxattr_at(dir_fd, name, names.old_origin)
+        if raw is None or len(raw) != 8:
+            return None
+        return OriginXattr(old_number=int(struct.unpack("<Q", raw)[0]))
+    return None
+
+
+# -- copying xattrs up -------------------------------------------------------------------
+
+
+def copy_xattrs(src: fdops.Target, dst: fdops.Target, userxattr: bool | None = None) -> None:
+    """Copy every xattr that is not internal to the layer format from ``src`` to ``dst``.
+
+    ``src``/``dst`` are descriptors or :func:`fdops.at_path` paths (never followed). With
+    ``userxattr`` (the mount's mode), what the mount shows is copied, as the kernel does
+    (escaped names, and the other namespace's overlay names but its markers); without it,
+    nothing in either overlay namespace but escaped names.
+    """
+    try:
+        names = fdops.listxattr(src)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return
+        raise
+    for name in names:
+        bname = os.fsencode(name)
+        if userxattr is None:
+            if is_internal_xattr(bname):
+                continue
+        elif is_private_xattr(bname, userxattr):
+            continue
+        try:
+            fdops.setxattr(dst, bname, fdops.getxattr(src, bname))
+        except OSError as exc:
+            # security.* labels the upper filesystem refuses are not fatal, as in the kernel.
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM) and not bname.startswith(
+                b"user."
+            ):
+                log.debug("xattr %r not copied: %s", bname, exc)
+                continue
+            raise
+
+
+# -- impure directories ------------------------------------------------------------------
+
+
+def mark_impure(fd: int, attr: bytes) -> None:
+    """Mark the upper directory open as ``fd`` impure (``overlay.impure = "y"``), unless it
+    is: the kernel marks a directory once it may hold an entry with an origin (a copy-up in
+    it, or such an entry moved in), so that its readdir knows to look origins up."""
+    if fd_getxattr(fd, attr) is None:
+        os.setxattr(fd, attr, b"y")
+
+
+# -- reading a layer directory -----------------------------------------------------------
+
+
+class Found(enum.Enum):
+    """What one layer directory holds at a name (:func:`classify_at`).
+
+    The values of the whiteout kinds are the words ``unionfs inspect`` shows.
+    """
+
+    DIR = "dir"
+    OTHER = "other"
+    CHARDEV_WHITEOUT = "whiteout (char 0/0)"
+    XATTR_WHITEOUT = "whiteout (xattr)"
+    OCI_WHITEOUT = "whiteout (.wh.)"
+
+    @property
+    def is_whiteout(self) -> bool:
+        return self in _WHITEOUTS
+
+
+_WHITEOUTS = frozenset((Found.CHARDEV_WHITEOUT, Found.XATTR_WHITEOUT, Found.OCI_WHITEOUT))
+
+
+def classify_at(dir_fd: int, name: bytes) -> Found | None:
+    """What the layer directory ``dir_fd`` holds at ``name``; None: nothing.
+
+    Whiteouts in every form count (char 0/0, ``.wh.<name>``, and the xattr form in a
+    directory marked ``overlay.opaque="x"``).
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            return Found.DIR
+        if is_chardev_whiteout(st):
+            return Found.CHARDEV_WHITEOUT
+        if (
+            stat.S_ISREG(st.st_mode)
+            and st.st_size == 0
+            and opaque_value(dir_fd) == OPAQUE_XWHITEOUTS
+            and is_xattr_whiteout(dir_fd, name, st)
+        ):
+            return Found.XATTR_WHITEOUT
+        return Found.OTHER
+    if not oci_marker_exists(dir_fd, name):
+        return None
+    return Found.OCI_WHITEOUT
+
+
+def upper_hider(dir_fd: int, name: bytes) -> Found | None:
+    """What hides ``name`` in the upper directory ``dir_fd``, where the merged view has no
+    such name: an entry there (:attr:`Found.CHARDEV_WHITEOUT`, the only kind the mount
+    writes), a ``.wh.<name>`` marker (:attr:`Found.OCI_WHITEOUT`), or None."""
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return Found.CHARDEV_WHITEOUT
+    except FileNotFoundError:
+        pass
+    return Found.OCI_WHITEOUT if oci_marker_exists(dir_fd, name) else None
+
+
+def oci_marker_exists(dir_fd: int, name: bytes) -> bool:
+    """Whether the layer directory ``dir_fd`` holds a ``.wh.<name>`` marker.
+
+    A name of more than 251 bytes can have no marker (it would exceed NAME_MAX): such a
+    name must still work everywhere, so the probe answers "no" instead of ENAMETOOLONG.
+    """
+    marker = OCI_WHITEOUT_PREFIX + name
+    if len(marker) > 255:
+        return False
+    try:
+        os.stat(marker, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# One entry of a layer directory as the mount reads it: (name, is_dir, is_marker). A tuple,
+# not a dataclass: a deep stack builds millions of them.
+ScanEntry = tuple[bytes, bool, bool]
+
+
+def scan_layer_dir(fd: int, opaque: bytes | None | bool = False) -> Iterator[ScanEntry]:
+    """Yield ``(name, is_dir, is_whiteout_or_marker)`` for the directory open as ``fd``.
+
+    This is the one reader of a layer directory's markers. Whiteouts in every form are
+    reported as ``(hidden_name, False, True)``; an OCI opaque marker is reported as
+    ``(OCI_OPAQUE_NAME, False, True)``; other ``.wh.`` names are dropped (:func:`oci_target`
+    says which names a marker hides). ``opaque`` is the directory's ``overlay.opaque`` value
+    if the caller has read it already. ``os.scandir`` reads ``fd`` through a duplicate of its
+    own (which shares the offset: hence the rewind) and leaves ``fd`` open.
+    """
+    if opaque is False:
+        opaque = opaque_value(fd)
+    xwhiteouts = opaque == OPAQUE_XWHITEOUTS
+    os.lseek(fd, 0, os.SEEK_SET)
+    with os.scandir(fd) as it:
+        for entry in it:
+            name = os.fsencode(entry.name)
+            if name.startswith(OCI_WHITEOUT_PREFIX):
+                if name == OCI_OPAQUE_NAME:
+                    yield name, False, True
+                    continue
+                target = oci_target(name)
+                if target is not None:
+                    yield target, False, True
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield name, True, False
+                continue
+            if entry.is_file(follow_symlinks=False):
+                if xwhiteouts:
+                    st = entry.stat(follow_symlinks=False)
+                    if is_xattr_whiteout(fd, name, st):
+                        yield name, False, True
+                        continue
+                yield name, False, False
+                continue
+            if not entry.is_symlink():
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISCHR(st.st_mode) and is_chardev_whiteout(st):
+                    yield name, False, True
+                    continue
+            yield name, False, False
+
+
+def is_opaque_dir(fd: int) -> bool:
+    """Whether the layer directory open as ``fd`` is opaque, by xattr or OCI marker."""
+    if opaque_value(fd) == OPAQUE_YES:
+        return True
+    try:
+        os.stat(OCI_OPAQUE_NAME, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def check_opaque(fd: int) -> tuple[bool, list[ScanEntry] | None]:
+    """Whether the layer directory open as ``fd`` is opaque, and its listing if read.
+
+    The ``overlay.opaque`` xattr answers without reading the directory. Otherwise the
+    directory is listed to look for an OCI ``.wh..wh..opq`` marker: that costs no more than
+    probing the marker's name (after the caches are dropped, a negative lookup reads the
+    directory too), and the listing serves the directory's index.
+    """
+    value = opaque_value(fd)
+    if value == OPAQUE_YES:
+        return True, None
+    listing = list(scan_layer_dir(fd, value))
+    opaque = any(marker and name == OCI_OPAQUE_NAME for name, _, marker in listing)
+    return opaque, listing

@@ -1,0 +1,168 @@
+"""Attributes and xattrs (the kernel's inode.c part): setattr, get/set/list/remove xattr.
+
+A change to a lower object copies it up first; a chmod, utimes or truncate is folded into
+that copy-up (:class:`~unionfs.fs.copy_up.Change`). Names of the mount's own overlay
+namespace are escaped on the way down and unescaped on the way up, as the kernel does
+(:func:`unionfs.format.xattr_layer_name`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from unionfs import fdops, format
+from unionfs.fs.copy_up import Change, CopyUp
+from unionfs.fs.nodes import UPPER, Node
+from unionfs.fs.state import State, err
+
+
+class Attrs:
+    """setattr and the xattr calls of one mount."""
+
+    def __init__(self, s: State, copier: CopyUp) -> None:
+        self.s = s
+        self.copier = copier
+
+    async def setattr(
+        self,
+        node: Node,
+        fh: int | None,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> None:
+        """Change what is given (None: unchanged); copies up first (EROFS when read-only).
+
+        The change is folded into the copy-up, except a chown (after which the kernel clears
+        set-id bits the copy would have restored) and a truncate that leaves mtime alone
+        (ftruncate sets it to now; the copy keeps the lower file's).
+        """
+        s = self.s
+        s.check_writable()
+        if node.layers[0] != UPPER:
+            change = None
+            if uid is None and gid is None and (size is None or mtime_ns is not None):
+                change = Change(mode=mode, atime_ns=atime_ns, mtime_ns=mtime_ns, size=size)
+            if await self.copier.copy_up(node, change):
+                return
+        own_fd = -1
+        if node.parent is None:
+            target: bytes | int = s.stack[UPPER].root_fd
+            pfd, name = -1, b""
+        elif node.pinned >= 0:
+            # Every name is gone but a handle is open (fchmod, futimens ... on it).
+            own_fd = target = fdops.reopen(node.pinned, os.O_RDONLY | os.O_CLOEXEC)
+            pfd, name = -1, b""
+        else:
+            pfd, name = self.copier.upper_dir_fd(node.parent), node.name
+            target = name
+        try:
+            self._set_attrs(node, fh, target, pfd, name, mode, uid, gid, size, atime_ns, mtime_ns)
+        finally:
+            if own_fd >= 0:
+                os.close(own_fd)
+
+    def _set_attrs(
+        self,
+        node: Node,
+        fh: int | None,
+        target: bytes | int,
+        pfd: int,
+        name: bytes,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        size: int | None,
+        atime_ns: int | None,
+        mtime_ns: int | None,
+    ) -> None:
+        """The changes of :meth:`setattr` on the upper object ``target`` (an fd or ``name``
+        in ``pfd``)."""
+        s = self.s
+        if size is not None:
+            handle = s.file_handles.get(fh) if fh is not None else None
+            if handle is not None and handle.writable and handle.layer == UPPER:
+                os.ftruncate(handle.fd, size)
+            else:
+                fd = s.table.open_file(node, UPPER, os.O_WRONLY)[0]
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+        if uid is not None or gid is not None:
+            u = -1 if uid is None else uid
+            g = -1 if gid is None else gid
+            if isinstance(target, int):
+                os.fchown(target, u, g)
+            else:
+                os.chown(name, u, g, dir_fd=pfd, follow_symlinks=False)
+        if mode is not None:
+            if isinstance(target, int):
+                os.fchmod(target, stat.S_IMODE(mode))
+            else:
+                fdops.chmod_at(pfd, name, stat.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
+            if atime_ns is None or mtime_ns is None:
+                cur = os.fstat(target) if isinstance(target, int) else s.table.lstat_in(node, UPPER)
+                atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
+            if isinstance(target, int):
+                os.utime(target, ns=(atime_ns, mtime_ns))
+            else:
+                os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        """The value of ``name`` on ``node``; a name of the mount's own overlay namespace is
+        read escaped, reserved names are not there (ENODATA)."""
+        stored = format.xattr_layer_name(name, self.s.opts.userxattr)
+        if stored is None:
+            raise err(errno.ENODATA)
+        return fdops.getxattr(self.s.table.xattr_target(node), stored)
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        """The xattr names ``node`` shows through the mount (private ones hidden)."""
+        userxattr = self.s.opts.userxattr
+        out = []
+        for n in fdops.listxattr(self.s.table.xattr_target(node)):
+            shown = format.xattr_mount_name(os.fsencode(n), userxattr)
+            if shown is not None:
+                out.append(shown)
+        return out
+
+    async def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
+        """Set ``name`` on ``node`` after a copy-up; a name of the mount's own overlay
+        namespace is stored escaped, as the kernel does (EPERM for a reserved name).
+
+        ``flags`` (``XATTR_CREATE``/``XATTR_REPLACE``) are applied by the upper filesystem,
+        after the copy-up: a refused request still copies up, as in the kernel.
+        """
+        s = self.s
+        stored = format.xattr_layer_name(name, s.opts.userxattr)
+        if stored is None:
+            raise err(errno.EPERM)
+        s.check_writable()
+        await self.copier.copy_up(node)
+        fdops.setxattr(s.table.xattr_target(node), stored, value, flags)
+
+    async def removexattr(self, node: Node, name: bytes) -> None:
+        """Remove ``name`` (escaped like :meth:`setxattr`) from ``node`` after a copy-up;
+        ENODATA without a copy-up when the name is not there, as the kernel does."""
+        s = self.s
+        stored = format.xattr_layer_name(name, s.opts.userxattr)
+        if stored is None:
+            raise err(errno.ENODATA)
+        s.check_writable()
+        if node.layers[0] != UPPER:
+            self.getxattr(node, name)
+            await self.copier.copy_up(node)
+        fdops.removexattr(s.table.xattr_target(node), stored)
+
+    def statfs(self) -> os.statvfs_result:
+        """The statfs of the top layer (the upper when there is one)."""
+        return os.statvfs(self.s.stack[0].root_fd)

@@ -1,0 +1,274 @@
+"""Copy-up (the kernel's copy_up.c part): making a lower object an upper one.
+
+Parents first (:meth:`CopyUp.upper_dir_fd`: each directory built in ``work/`` with owner,
+mode, xattrs, origin and times, then renamed into place with ``RENAME_NOREPLACE``), then the
+object itself, built under a temporary name in ``work/`` and renamed over nothing. A crash at
+any point leaves either the lower object visible or the complete copy (see
+:mod:`unionfs.fs.workdir`). The upper parent's times are restored afterwards, as the kernel
+does: a copy-up is not a change.
+
+The request that triggers a file's copy-up is folded into it (:class:`Change`). Copies of
+:data:`BIG_COPY` bytes or more run in a worker thread; a second writer waits for the first
+copy instead of starting another. A copy-up never calls the adapter: where the kernel's
+cached attributes become wrong, it emits an event (:mod:`unionfs.fs.events`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import stat
+import time
+
+import trio
+
+from unionfs import fdops, format
+from unionfs.fdops import RENAME_NOREPLACE, open_dir_at, renameat2
+from unionfs.fs import workdir as work
+from unionfs.fs.listing import index_set
+from unionfs.fs.nodes import UPPER, Node
+from unionfs.fs.state import State, err
+from unionfs.fs.workdir import Workdir
+
+BIG_COPY = 1 << 20  # copy-ups at least this large run in a worker thread
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """What the request that triggers a file's copy-up will change right after it.
+
+    The copy is built with these values in place of the lower file's, so a chmod, utimes
+    or truncate of a lower file costs one copy, not a copy and then a change (and an
+    ``O_TRUNC`` open copies no data at all). The result is the same as the kernel's copy-up
+    followed by the change.
+    """
+
+    mode: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    size: int | None = None
+
+
+NO_CHANGE = Change()
+TRUNCATE = Change(size=0)
+
+
+def restore_times(fd: int, st: os.stat_result) -> None:
+    """Put back the times ``st`` of the upper directory ``fd``: the kernel keeps an upper
+    parent's times across a copy-up or a marker change, which are not changes to it."""
+    try:
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    except OSError:
+        pass
+
+
+class CopyUp:
+    """Copies objects up, one at a time per object; owns the workdir and impure marks."""
+
+    def __init__(self, s: State, wd: Workdir) -> None:
+        self.s = s
+        self.wd = wd
+        self._copying: dict[int, trio.Event] = {}
+        self._impure: set[int] = set()  # directory nodes known to carry the mark
+
+    async def wait(self, node: Node) -> bool:
+        """Wait for a copy-up of ``node`` in progress, if any; True if there was one."""
+        pending = self._copying.get(node.ino)
+        if pending is None:
+            return False
+        await pending.wait()
+        return True
+
+    def upper_dir_fd(self, node: Node) -> int:
+        """The upper directory of ``node``, copying it (and its parents) up if needed."""
+        s = self.s
+        if node.layers[0] == UPPER:
+            return s.table.dir_fd(node, UPPER)
+        assert node.parent is not None  # the root always has an upper when writable
+        parent_fd = self.upper_dir_fd(node.parent)
+        s.touch(node.parent)
+        work_fd = self.wd.work_fd
+        lower_fd = s.table.dir_fd(node, node.layer)
+        st = os.fstat(lower_fd)
+        tmp = work.temp_name()
+        os.mkdir(tmp, 0o700, dir_fd=work_fd)
+        try:
+            tmp_fd = open_dir_at(work_fd, tmp)
+            try:
+                self.copy_meta(lower_fd, tmp_fd, st)
+                upper_st = os.fstat(tmp_fd)
+            finally:
+                os.close(tmp_fd)
+            parent_times = os.fstat(parent_fd)
+            renameat2(work_fd, tmp, parent_fd, node.name, RENAME_NOREPLACE)
+        except BaseException:
+            work.remove_tree_at(work_fd, tmp)
+            raise
+        self.mark_impure(node.parent, parent_fd)
+        restore_times(parent_fd, parent_times)
+        node.layers = (UPPER,) + node.layers
+        s.table.moved_up(node, upper_st, origin=True)
+        index_set(node.parent, node.name, True, node.layers)
+        s.stats.copy_ups += 1
+        s.stats.event("copy-up", path=node.path().decode(errors="replace"), size=0, type="dir")
+        return s.table.dir_fd(node, UPPER)
+
+    def mark_impure(self, parent: Node, pfd: int) -> None:
+        """Mark ``parent``'s upper directory (open as ``pfd``) impure, as the kernel does."""
+        if parent.ino in self._impure:
+            return
+        format.mark_impure(pfd, self.s.names.impure)
+        self._impure.add(parent.ino)
+
+    def copy_meta(self, src: int, dst: int, st: os.stat_result, change: Change = NO_CHANGE) -> None:
+        """Owner, mode, xattrs, origin and times from ``src`` to ``dst`` (both open fds)."""
+        if st.st_uid != self.wd.euid or st.st_gid != self.wd.egid:  # else created with them
+            os.fchown(dst, st.st_uid, st.st_gid)
+        os.fchmod(dst, stat.S_IMODE(st.st_mode if change.mode is None else change.mode))
+        format.copy_xattrs(src, dst, self.s.opts.userxattr)
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+            # The kernel (index=off) records no origin for a copy-up that breaks a lower hard
+            # link: the copy is a new inode from then on.
+            format.set_origin(dst, self.s.names.origin, format.encode_origin(src))
+        os.utime(
+            dst,
+            ns=(
+                st.st_atime_ns if change.atime_ns is None else change.atime_ns,
+                st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns,
+            ),
+        )
+
+    async def copy_up(self, node: Node, change: Change | None = None) -> bool:
+        """Make ``node`` an upper object (no-op if it is one). Parents are copied first.
+
+        EROFS on a read-only mount. Two requests copying the same object wait for one
+        copy. A large file's data is copied in a worker thread, so other requests keep
+        being served meanwhile. With a ``change``, a regular file is copied with it applied;
+        returns True when that happened (else the caller applies the change itself).
+        Counted in the stats (copy-ups, bytes, seconds) and as a "copy-up" event.
+        """
+        self.s.check_writable()
+        while True:
+            if node.layers[0] == UPPER:
+                return False
+            pending = self._copying.get(node.ino)
+            if pending is None:
+                break
+            await pending.wait()
+        if node.is_dir:
+            self.upper_dir_fd(node)
+            return False
+        done = trio.Event()
+        self._copying[node.ino] = done
+        try:
+            applied = await self._copy_up_file(node, change or NO_CHANGE)
+            return applied and change is not None
+        finally:
+            del self._copying[node.ino]
+            done.set()
+
+    async def _copy_up_file(self, node: Node, change: Change) -> bool:
+        """Copy a non-directory up; True when it was a regular file, built with ``change``."""
+        s = self.s
+        started = time.monotonic()
+        assert node.parent is not None
+        parent = node.parent
+        parent_fd = self.upper_dir_fd(parent)
+        s.touch(parent)
+        layer = node.layer
+        try:
+            src, st = s.table.open_file(node, layer, os.O_RDONLY)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            src = -1  # not a regular file
+            lower_pfd = s.table.dir_fd(parent, layer)
+            st = os.stat(node.name, dir_fd=lower_pfd, follow_symlinks=False)
+        regular = src >= 0
+        copied = 0
+        tmp = work.temp_name()
+        work_fd = self.wd.work_fd
+        try:
+            if regular:
+                try:
+                    dst = os.open(
+                        tmp,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                        0o600,
+                        dir_fd=work_fd,
+                    )
+                    try:
+                        devs = (st.st_dev, self.wd.upper_dev)
+                        size = st.st_size
+                        if change.size is not None:
+                            size = min(size, change.size)
+                        if size >= BIG_COPY:
+                            await trio.to_thread.run_sync(
+                                work.copy_data, src, dst, size, devs, limiter=s.limiter
+                            )
+                        else:
+                            work.copy_data(src, dst, size, devs)
+                        if change.size is not None and change.size != size:
+                            os.ftruncate(dst, change.size)
+                        copied = size
+                        self.copy_meta(src, dst, st, change)
+                        if s.opts.fsync:
+                            os.fsync(dst)
+                        upper_st = os.fstat(dst)
+                    finally:
+                        os.close(dst)
+                finally:
+                    os.close(src)
+            else:
+                if stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(node.name, dir_fd=lower_pfd)
+                    os.symlink(target, tmp, dir_fd=work_fd)
+                else:
+                    os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work_fd)
+                os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work_fd, follow_symlinks=False)
+                src_path = fdops.at_path(lower_pfd, node.name)
+                dst_path = fdops.at_path(work_fd, tmp)
+                if not stat.S_ISLNK(st.st_mode):
+                    fdops.chmod_at(work_fd, tmp, stat.S_IMODE(st.st_mode))
+                format.copy_xattrs(src_path, dst_path, s.opts.userxattr)
+                # user.* xattrs cannot be set on symlinks; no origin for a broken hard link.
+                if (not stat.S_ISLNK(st.st_mode) or not s.opts.userxattr) and st.st_nlink == 1:
+                    origin = format.encode_origin(lower_pfd, node.name)
+                    format.set_origin(dst_path, s.names.origin, origin)
+                os.utime(
+                    tmp,
+                    ns=(st.st_atime_ns, st.st_mtime_ns),
+                    dir_fd=work_fd,
+                    follow_symlinks=False,
+                )
+                upper_st = os.stat(tmp, dir_fd=work_fd, follow_symlinks=False)
+            if node.layers[0] == UPPER or node.parent is not parent:
+                raise err(errno.EAGAIN)  # moved or copied while we worked; caller retries
+            parent_times = os.fstat(parent_fd)
+            os.rename(tmp, node.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
+        except BaseException:
+            work.remove_tree_at(work_fd, tmp)
+            raise
+        self.mark_impure(parent, parent_fd)
+        restore_times(parent_fd, parent_times)
+        node.layers = (UPPER,)
+        # A copy that breaks a lower hard link gets no origin (see copy_meta).
+        s.table.moved_up(node, upper_st, origin=st.st_nlink == 1)
+        index_set(parent, node.name, False, node.layers)
+        elapsed = time.monotonic() - started
+        s.stats.copy_ups += 1
+        s.stats.copy_up_bytes += copied
+        s.stats.copy_up_seconds += elapsed
+        s.stats.event(
+            "copy-up",
+            path=node.path().decode(errors="replace"),
+            size=copied,
+            source_layer=layer,
+            seconds=round(elapsed, 6),
+        )
+        if st.st_nlink > 1:
+            # The copy breaks a lower hard link, as in the kernel: this name is a new inode
+            # whose number and link count are the copy's, not those the kernel cached.
+            await s.events.kernel_stale(node.ino)
+        return regular
