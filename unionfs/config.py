@@ -24,6 +24,7 @@ import os
 import stat
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from unionfs.errors import UnionfsError, UsageError
 from unionfs.fdops import open_dir_at
@@ -76,9 +77,10 @@ _PASSIVE_OPTIONS = {
 }
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MountConfig:
-    """A validated description of one union mount."""
+    """A description of one union mount (validated by :func:`validate`), never changed once
+    made: :func:`apply_options` and :func:`validate` return new ones."""
 
     lowers: list[str]  # top to bottom
     mountpoint: str
@@ -104,7 +106,6 @@ class MountConfig:
     exec: bool = True
     # Ask the kernel to enforce POSIX ACLs (FUSE_CAP_POSIX_ACL) -- ``noacl`` turns it off.
     acl: bool = True
-    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def writable(self) -> bool:
@@ -157,56 +158,60 @@ def _bool_option(name: str, value: str | None) -> bool:
     raise UsageError(f"option {name}={value}: expected 0 or 1")
 
 
-def apply_options(cfg: MountConfig, options: list[str]) -> None:
-    """Apply ``-o`` options (already split) to ``cfg``; unknown ones become warnings."""
+def apply_options(cfg: MountConfig, options: list[str]) -> tuple[MountConfig, list[str]]:
+    """``cfg`` with the ``-o`` options (already split) applied, and the warnings for the
+    unknown ones (returned, for the caller to print: ``cfg`` itself is never changed)."""
+    new: dict[str, Any] = {}
+    warnings: list[str] = []
     for opt in options:
         name, eq, value = opt.partition("=")
         val = value if eq else None
         if name == "lowerdir":
-            cfg.lowers = split_lowerdir(value)
+            new["lowers"] = split_lowerdir(value)
         elif name == "upperdir":
-            cfg.upper = _unescape(value)
+            new["upper"] = _unescape(value)
         elif name == "workdir":
-            cfg.workdir = _unescape(value)
+            new["workdir"] = _unescape(value)
         elif name == "timeout":
             try:
-                cfg.timeout = float(value)
+                new["timeout"] = float(value)
             except ValueError:
                 raise UsageError(f"option timeout={value}: expected a number of seconds") from None
-            if cfg.timeout < 0:
+            if new["timeout"] < 0:
                 raise UsageError("option timeout must not be negative")
         elif name == "readahead":
             if not value.isdigit():
                 raise UsageError(f"option readahead={value}: expected a size in KiB")
-            cfg.readahead_kb = int(value)
+            new["readahead_kb"] = int(value)
         elif name == "fsync":
-            cfg.fsync = _bool_option(name, val)
+            new["fsync"] = _bool_option(name, val)
         elif name == "volatile":
-            cfg.fsync = False
+            new["fsync"] = False
         elif name == "ro":
-            cfg.read_only = True
+            new["read_only"] = True
         elif name == "auto_unmount":
-            cfg.auto_unmount = True
+            new["auto_unmount"] = True
         elif name == "debug":
-            cfg.debug = True
+            new["debug"] = True
         elif name == "userxattr":
-            cfg.userxattr = True
+            new["userxattr"] = True
         elif name == "nonempty":
-            cfg.nonempty = True
+            new["nonempty"] = True
         elif name == "noallow_other":
-            cfg.allow_other = False
+            new["allow_other"] = False
         elif name in ("dev", "nodev"):
-            cfg.dev = name == "dev"
+            new["dev"] = name == "dev"
         elif name in ("suid", "nosuid"):
-            cfg.suid = name == "suid"
+            new["suid"] = name == "suid"
         elif name in ("exec", "noexec"):
-            cfg.exec = name == "exec"
+            new["exec"] = name == "exec"
         elif name == "noacl":
-            cfg.acl = False
+            new["acl"] = False
         elif name in _PASSIVE_OPTIONS or name.startswith("x-"):
             continue
         else:
-            cfg.warnings.append(f"unknown argument ignored: {opt}")
+            warnings.append(f"unknown argument ignored: {opt}")
+    return dataclasses.replace(cfg, **new), warnings
 
 
 class OpenedDir(str):
@@ -343,9 +348,8 @@ def close_dirs(dirs: Iterable[OpenedDir]) -> None:
 
 
 def validate(cfg: MountConfig) -> MountConfig:
-    """Check the layer set and mountpoint; return ``cfg`` with its directories opened.
-
-    ``cfg.lowers``, ``cfg.upper`` and ``cfg.workdir`` become :class:`OpenedDir` values
+    """Check the layer set and mountpoint; return a copy of ``cfg`` with its directories
+    opened: ``lowers``, ``upper`` and ``workdir`` become :class:`OpenedDir` values
     (canonical paths carrying the descriptor the daemon will use). Raises
     :class:`UnionfsError` with a one-line message for every kind of bad input the README
     lists; nothing is created or changed on failure, and no descriptor is left open.
@@ -412,11 +416,10 @@ def _validate(cfg: MountConfig, opened: list[OpenedDir]) -> MountConfig:
                 raise UnionfsError(f"mountpoint {mnt!r} is inside {what} {str(d)!r}")
     finally:
         os.close(mfd)
-    cfg.lowers, cfg.upper, cfg.workdir, cfg.mountpoint = lowers, upper, workdir, mnt
-    return cfg
+    return dataclasses.replace(cfg, lowers=lowers, upper=upper, workdir=workdir, mountpoint=mnt)
 
 
-def warn(cfg: MountConfig) -> None:
-    """Print the collected option warnings, one line each, to stderr."""
-    for w in cfg.warnings:
+def warn(warnings: Iterable[str]) -> None:
+    """Print option warnings, one line each, to stderr."""
+    for w in warnings:
         print(f"unionfs: {w}", file=sys.stderr)

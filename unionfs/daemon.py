@@ -1,4 +1,6 @@
-"""Mount lifecycle: init, signals, daemonize once the mount is ready, serve, unmount.
+"""The daemon's lifecycle: init, signals, daemonize once the mount is ready, serve, unmount.
+
+Apart from :mod:`unionfs.fuse_ops`, this is the one module that imports pyfuse3.
 
 ``serve`` is the whole life of a daemon. In the background form the parent forks, the child
 mounts, and the parent exits 0 only after the child reported the mount ready through a pipe --
@@ -8,6 +10,7 @@ unmount cleanly; a daemon killed outright leaves a dead mount that ``unionfs umo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +18,7 @@ import re
 import resource
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,23 +100,6 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-def _build(cfg: MountConfig) -> Any:
-    from unionfs.fs.union import Union
-    from unionfs.fuse_ops import Operations
-
-    fs = Union(cfg)
-    try:
-        _fit_fd_cache(fs)
-    except BaseException:
-        fs.close()
-        raise
-    ops = Operations(fs, cfg.timeout, debug=cfg.debug)
-    # default_permissions is always on: let the kernel enforce POSIX ACLs too (it reads
-    # system.posix_acl_access through getxattr), unless the mount says noacl.
-    ops.enable_acl = cfg.acl
-    return fs, ops
-
-
 def _fit_fd_cache(fs: Any) -> None:
     """Keep the cache of directory descriptors to a quarter of the descriptor limit.
 
@@ -152,20 +139,53 @@ async def _serve_loop(ops: Any, cfg: MountConfig) -> None:
         nursery.cancel_scope.cancel()
 
 
-def serve(cfg: MountConfig, ready_fd: int = -1) -> int:
-    """Mount ``cfg`` and serve requests until unmounted or signalled. Returns an exit code."""
+def serve(cfg: MountConfig, ready_fd: int = -1, warnings: Sequence[str] = ()) -> int:
+    """Mount ``cfg`` and serve requests until unmounted or signalled. Returns an exit code.
+
+    The whole life is one exit stack: what was set up is undone in reverse order however
+    the daemon ends (unmount, then the filesystem's descriptors, then the state record),
+    and a failure before the mount is ready is reported as one line (through ``ready_fd``
+    when the daemon runs in the background). ``warnings`` are the option warnings the
+    command printed already; they go to the daemon's log with the filesystem's own.
+    """
+    from unionfs.fs.union import Union
+    from unionfs.fuse_ops import Operations
+
     raise_nofile_limit()
-    try:
-        fs, ops = _build(cfg)
-        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
-    except UnionfsError as exc:
-        _report(ready_fd, f"error: {exc}")
-        return 1
-    except Exception as exc:  # noqa: BLE001 - turned into the one-line error of the command
-        log.debug("mount failed", exc_info=True)
-        _report(ready_fd, f"error: cannot mount {cfg.mountpoint}: {exc}")
-        return 1
     record = state_file(cfg.mountpoint)
+    with contextlib.ExitStack() as life:
+        life.callback(_remove_quietly, record)
+        try:
+            fs = Union(cfg)
+            life.callback(fs.close)
+            _fit_fd_cache(fs)
+            ops = Operations(fs, cfg.timeout, debug=cfg.debug)
+            # default_permissions is always on: let the kernel enforce POSIX ACLs too (it
+            # reads system.posix_acl_access through getxattr), unless the mount says noacl.
+            ops.enable_acl = cfg.acl
+            pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+        except UnionfsError as exc:
+            _report(ready_fd, f"error: {exc}")
+            return 1
+        except Exception as exc:  # noqa: BLE001 - turned into the one-line error of the command
+            log.debug("mount failed", exc_info=True)
+            _report(ready_fd, f"error: cannot mount {cfg.mountpoint}: {exc}")
+            return 1
+        life.callback(pyfuse3.close, unmount=True)
+        _write_state(record, cfg)
+        for w in (*warnings, *fs.warnings):
+            log.warning("%s", w)
+        _report(ready_fd, "ok")
+        # The kernel has already applied the caller's umask to every mode it sends (FUSE
+        # without FUSE_CAP_DONT_MASK); the daemon's own umask must not mask it a second
+        # time. Set after the state file is written, which must not become world-writable.
+        os.umask(0)
+        trio.run(_serve_loop, ops, cfg)
+    return 0
+
+
+def _write_state(record: Path, cfg: MountConfig) -> None:
+    """Record the daemon's pid and layers for ``unionfs umount`` (a warning if it cannot)."""
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(
@@ -181,23 +201,13 @@ def serve(cfg: MountConfig, ready_fd: int = -1) -> int:
         )
     except OSError:
         log.warning("cannot write %s", record)
-    for w in cfg.warnings:
-        log.warning("%s", w)
-    _report(ready_fd, "ok")
-    # The kernel has already applied the caller's umask to every mode it sends (FUSE without
-    # FUSE_CAP_DONT_MASK); the daemon's own umask must not mask it a second time. Set after
-    # the state file is written, which must not become world-writable.
-    os.umask(0)
+
+
+def _remove_quietly(path: Path) -> None:
     try:
-        trio.run(_serve_loop, ops, cfg)
-    finally:
-        pyfuse3.close(unmount=True)
-        fs.close()
-        try:
-            record.unlink()
-        except OSError:
-            pass
-    return 0
+        path.unlink()
+    except OSError:
+        pass
 
 
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
@@ -243,7 +253,9 @@ def _report(fd: int, message: str) -> None:
         print(f"unionfs: {message.removeprefix('error: ')}", file=sys.stderr)
 
 
-def daemonize_and_serve(cfg: MountConfig, log_file: str | None) -> int:
+def daemonize_and_serve(
+    cfg: MountConfig, log_file: str | None, warnings: Sequence[str] = ()
+) -> int:
     """Fork; the child mounts and serves; the parent returns once the mount is ready."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -260,7 +272,7 @@ def daemonize_and_serve(cfg: MountConfig, log_file: str | None) -> int:
         os.dup2(out, 2)
         code = 1
         try:
-            code = serve(cfg, write_fd)
+            code = serve(cfg, write_fd, warnings)
         finally:
             _drop_empty_log(log_file)
             os._exit(code)

@@ -11,6 +11,7 @@ ignored as fuse-overlayfs does).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from unionfs.errors import ArgumentParser, UnionfsError, UsageError
 HELPER_PATH = "/sbin/mount.fuse.unionfs"
 
 
-def _parse_compat(args: list[str]) -> config.MountConfig:
+def _parse_compat(args: list[str]) -> tuple[config.MountConfig, list[str]]:
     options: list[str] = []
     positional: list[str] = []
     foreground = debug = False
@@ -49,16 +50,15 @@ def _parse_compat(args: list[str]) -> config.MountConfig:
             positional.append(arg)
     if not positional:
         raise UsageError("no mountpoint given")
-    cfg = config.MountConfig(lowers=[], mountpoint=positional[-1])
-    config.apply_options(cfg, options)
-    cfg.foreground = foreground or cfg.foreground
-    cfg.debug = debug or cfg.debug
-    if cfg.debug:
-        cfg.foreground = True
-    return cfg
+    cfg, warnings = config.apply_options(
+        config.MountConfig(lowers=[], mountpoint=positional[-1]), options
+    )
+    debug = debug or cfg.debug
+    cfg = dataclasses.replace(cfg, foreground=foreground or cfg.foreground or debug, debug=debug)
+    return cfg, warnings
 
 
-def _parse_mount(args: list[str]) -> tuple[config.MountConfig, str | None]:
+def _parse_mount(args: list[str]) -> tuple[config.MountConfig, list[str], str | None]:
     parser = ArgumentParser(prog="unionfs mount", add_help=True)
     parser.add_argument("--lower", action="append", default=[], help="lower layer, top first")
     parser.add_argument("--upper", help="writable upper layer")
@@ -69,17 +69,22 @@ def _parse_mount(args: list[str]) -> tuple[config.MountConfig, str | None]:
     parser.add_argument("--log-file", help="where a background daemon writes its log")
     parser.add_argument("mountpoint")
     ns = parser.parse_args(args)
-    cfg = config.MountConfig(lowers=list(ns.lower), mountpoint=ns.mountpoint)
-    cfg.upper, cfg.workdir = ns.upper, ns.workdir
+    cfg = config.MountConfig(
+        lowers=list(ns.lower), mountpoint=ns.mountpoint, upper=ns.upper, workdir=ns.workdir
+    )
+    warnings: list[str] = []
     for value in ns.options:
-        config.apply_options(cfg, config.split_options(value))
+        cfg, more = config.apply_options(cfg, config.split_options(value))
+        warnings += more
     if ns.lower and any(o.startswith("lowerdir=") for v in ns.options for o in v.split(",")):
         raise UsageError("give the lowers either with --lower or with -o lowerdir=, not both")
-    if ns.lower:
-        cfg.lowers = list(ns.lower)
-    cfg.foreground = ns.foreground or ns.debug
-    cfg.debug = ns.debug or cfg.debug
-    return cfg, ns.log_file
+    cfg = dataclasses.replace(
+        cfg,
+        lowers=list(ns.lower) if ns.lower else cfg.lowers,
+        foreground=ns.foreground or ns.debug,
+        debug=ns.debug or cfg.debug,
+    )
+    return cfg, warnings, ns.log_file
 
 
 def _setup_logging(cfg: config.MountConfig) -> None:
@@ -91,19 +96,19 @@ def _setup_logging(cfg: config.MountConfig) -> None:
 
 def mount(args: list[str]) -> int:
     if args and args[0] == "--compat":
-        cfg, log_file = _parse_compat(args[1:]), None
+        (cfg, warnings), log_file = _parse_compat(args[1:]), None
     else:
-        cfg, log_file = _parse_mount(args)
+        cfg, warnings, log_file = _parse_mount(args)
     from unionfs import daemon as lifecycle
 
     # Validation opens every layer root and keeps it open: 2,000 layers need the raised limit.
     lifecycle.raise_nofile_limit()
-    config.validate(cfg)
-    config.warn(cfg)
+    cfg = config.validate(cfg)
+    config.warn(warnings)
 
     if cfg.foreground:
         _setup_logging(cfg)
-        return lifecycle.serve(cfg)
+        return lifecycle.serve(cfg, warnings=warnings)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if log_file is None:
         # A background daemon's warnings and tracebacks go beside its state record.
@@ -113,7 +118,7 @@ def mount(args: list[str]) -> int:
             log_file = str(record.with_suffix(".log"))
         except OSError:
             log_file = None
-    return lifecycle.daemonize_and_serve(cfg, log_file)
+    return lifecycle.daemonize_and_serve(cfg, log_file, warnings)
 
 
 def umount(args: list[str]) -> int:

@@ -18,14 +18,16 @@ def test_split_lowerdir_escapes_colons() -> None:
 
 def test_unknown_options_are_warned_and_ignored() -> None:
     cfg = config.MountConfig(lowers=[], mountpoint="/m")
-    config.apply_options(cfg, ["lowerdir=/a:/b", "rw", "x-systemd.automount", "frobnicate=1"])
-    assert cfg.lowers == ["/a", "/b"]
-    assert cfg.warnings == ["unknown argument ignored: frobnicate=1"]
+    new, warnings = config.apply_options(
+        cfg, ["lowerdir=/a:/b", "rw", "x-systemd.automount", "frobnicate=1"]
+    )
+    assert new.lowers == ["/a", "/b"] and cfg.lowers == []  # a new config; cfg is unchanged
+    assert warnings == ["unknown argument ignored: frobnicate=1"]
 
 
 def test_fsync_and_timeout_options() -> None:
     cfg = config.MountConfig(lowers=[], mountpoint="/m")
-    config.apply_options(cfg, ["fsync=0", "timeout=2.5"])
+    cfg, _ = config.apply_options(cfg, ["fsync=0", "timeout=2.5"])
     assert not cfg.fsync and cfg.timeout == 2.5
     with pytest.raises(UsageError):
         config.apply_options(cfg, ["timeout=abc"])
@@ -34,7 +36,7 @@ def test_fsync_and_timeout_options() -> None:
 def test_readahead_option() -> None:
     cfg = config.MountConfig(lowers=[], mountpoint="/m")
     assert cfg.readahead_kb == config.DEFAULT_READAHEAD_KB
-    config.apply_options(cfg, ["readahead=0"])
+    cfg, _ = config.apply_options(cfg, ["readahead=0"])
     assert cfg.readahead_kb == 0
     for bad in ("readahead=-1", "readahead=1M", "readahead"):
         with pytest.raises(UsageError, match="expected a size in KiB"):
@@ -148,7 +150,7 @@ def test_validated_dirs_carry_their_descriptor(tmp_path: Path) -> None:
         (tmp_path / n).mkdir()
     os.symlink(tmp_path / "a", tmp_path / "alink")
     cfg = _cfg(tmp_path, [str(tmp_path / "alink")], str(tmp_path / "u"), str(tmp_path / "w"))
-    config.validate(cfg)
+    cfg = config.validate(cfg)
     try:
         low = cfg.lowers[0]
         assert isinstance(low, config.OpenedDir) and low == str(tmp_path / "a")
@@ -166,11 +168,11 @@ def test_kernel_mount_flag_options() -> None:
     """dev/suid/exec and their no- forms are honoured, the last one given winning."""
     cfg = config.MountConfig(lowers=[], mountpoint="/m")
     assert (cfg.dev, cfg.suid, cfg.exec, cfg.acl) == (False, True, True, True)
-    config.apply_options(cfg, ["dev", "nosuid", "noexec", "noacl"])
+    cfg, warnings = config.apply_options(cfg, ["dev", "nosuid", "noexec", "noacl"])
     assert (cfg.dev, cfg.suid, cfg.exec, cfg.acl) == (True, False, False, False)
-    config.apply_options(cfg, ["nodev", "suid", "exec", "nodev"])
+    cfg, more = config.apply_options(cfg, ["nodev", "suid", "exec", "nodev"])
     assert (cfg.dev, cfg.suid, cfg.exec) == (False, True, True)
-    assert cfg.warnings == []
+    assert warnings == more == []
 
 
 def test_fuse_options_follow_the_flags() -> None:
@@ -180,7 +182,7 @@ def test_fuse_options_follow_the_flags() -> None:
     opts = fuse_options(cfg)
     assert {"nodev", "suid", "allow_other", "default_permissions"} <= opts
     assert not opts & {"dev", "nosuid", "noexec"}
-    config.apply_options(cfg, ["dev", "nosuid", "noexec", "noallow_other"])
+    cfg, _ = config.apply_options(cfg, ["dev", "nosuid", "noexec", "noallow_other"])
     opts = fuse_options(cfg)
     assert {"dev", "nosuid", "noexec"} <= opts
     assert not opts & {"nodev", "suid", "allow_other"}

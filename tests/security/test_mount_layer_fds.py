@@ -68,7 +68,7 @@ SWAP_AFTER_VALIDATION = textwrap.dedent(
     from unionfs import config, daemon
     lower, upper, work, mnt, target = sys.argv[1:6]
     cfg = config.MountConfig(lowers=[lower], mountpoint=mnt, upper=upper, workdir=work)
-    config.validate(cfg)
+    cfg = config.validate(cfg)
     # Between validation and use: the workdir becomes a symlink to the target.
     os.rename(work, work + ".real")
     os.symlink(target, work)
