@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 
-from unionfs.config import split_lowerdir
+from unionfs.cli.args import split_lowerdir
 from unionfs.errors import UnionfsError
 
 __all__ = ["mount", "unmount", "mounted", "split_lowerdir"]

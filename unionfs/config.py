@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from unionfs.cli.args import split_lowerdir, unescape
 from unionfs.errors import UnionfsError, UsageError
 from unionfs.fdops import open_dir_at
 
@@ -112,42 +113,6 @@ class MountConfig:
         return self.upper is not None and not self.read_only
 
 
-def _split(value: str, sep: str, unescape: bool) -> list[str]:
-    """Split on ``sep``; a backslash escapes the next character (dropped if ``unescape``)."""
-    parts: list[str] = []
-    current: list[str] = []
-    chars = iter(value)
-    for ch in chars:
-        if ch == "\\":
-            nxt = next(chars, "")
-            current.append(nxt if unescape else ch + nxt)
-        elif ch == sep:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return [p for p in parts if p]
-
-
-def _unescape(value: str) -> str:
-    r"""Drop the backslash of each escape (``\,`` kept by :func:`split_options`)."""
-    return "".join(_split(value, "\0", unescape=True))
-
-
-def split_lowerdir(value: str) -> list[str]:
-    r"""Split a ``lowerdir=`` value on ``:``; ``\:`` is a literal colon (and ``\\`` a backslash).
-
-    Empty parts are dropped: the kernel and fuse-overlayfs read ``::`` as a data-only separator.
-    """
-    return _split(value, ":", unescape=True)
-
-
-def split_options(value: str) -> list[str]:
-    r"""Split a ``-o`` string on commas, keeping ``\,`` (and every escape) for the option."""
-    return _split(value, ",", unescape=False)
-
-
 def _bool_option(name: str, value: str | None) -> bool:
     if value is None:
         return True
@@ -169,9 +134,9 @@ def apply_options(cfg: MountConfig, options: list[str]) -> tuple[MountConfig, li
         if name == "lowerdir":
             new["lowers"] = split_lowerdir(value)
         elif name == "upperdir":
-            new["upper"] = _unescape(value)
+            new["upper"] = unescape(value)
         elif name == "workdir":
-            new["workdir"] = _unescape(value)
+            new["workdir"] = unescape(value)
         elif name == "timeout":
             try:
                 new["timeout"] = float(value)

@@ -7,9 +7,6 @@ Exit codes used by every `unionfs` subcommand:
 * 2 -- the command line could not be parsed
 """
 
-import argparse
-from typing import NoReturn
-
 
 class UnionfsError(Exception):
     """A failure the user can act on; printed as one line, never with a traceback."""
@@ -21,10 +18,3 @@ class UsageError(UnionfsError):
     """The command line is malformed."""
 
     exit_code = 2
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a malformed command line as one :class:`UsageError` line."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")

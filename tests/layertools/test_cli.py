@@ -11,7 +11,7 @@ import pytest
 
 from layertools.conftest import TarBuilder
 from unionfs import cli
-from unionfs.layertools.cli import split_mount_options
+from unionfs.cli.layertools import split_mount_options
 from unionfs.layertools.progress import Progress
 
 

@@ -67,37 +67,34 @@ def list_names(dir_fd: int) -> list[bytes]:
 def scan_dir(dir_fd: int) -> LayerDir:
     """Read the directory open as ``dir_fd`` as one layer sees it (see :class:`LayerDir`).
 
-    Invalid OCI marker names (``.wh.``, ``.wh..``, ``.wh..wh.x``...) hide nothing and are
-    skipped with a warning; they are never reported as entries.
+    The markers are read exactly as the mount reads them (:func:`unionfs.format.scan_layer_dir`,
+    the one reader): a ``.wh.<name>`` hides ``<name>`` -- even when ``<name>`` is itself a
+    marker name such as ``.wh.plnk``, which no layer can show anyway -- and the names that
+    hide nothing (``.wh.``, ``.wh..``, ``.wh...``) are neither whiteouts nor entries.
     """
     result = LayerDir()
     opaque_value = format.opaque_value(dir_fd)
     result.opaque = opaque_value == format.OPAQUE_YES
-    xattr_whiteouts = opaque_value == format.OPAQUE_XWHITEOUTS
-    for name in list_names(dir_fd):
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if name == format.OCI_OPAQUE_NAME:
+    names: list[bytes] = []
+    for name, _is_dir, is_marker in format.scan_layer_dir(dir_fd, opaque_value):
+        if not is_marker:
+            names.append(name)
+        elif name == format.OCI_OPAQUE_NAME:
             result.opaque = True
-        elif format.is_marker_name(name):
-            target = valid_whiteout_target(name)
-            if target is None:
-                log.warning("ignoring invalid whiteout marker %r", os.fsdecode(name))
-            else:
-                result.whiteouts.add(target)
-        elif format.is_chardev_whiteout(st) or (
-            xattr_whiteouts and format.is_xattr_whiteout(dir_fd, name, st)
-        ):
-            result.whiteouts.add(name)
         else:
-            result.entries[name] = st
+            result.whiteouts.add(name)
+    for name in sorted(names):
+        result.entries[name] = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     return result
 
 
 def valid_whiteout_target(name: bytes) -> bytes | None:
-    """The name hidden by the OCI whiteout ``name``, or None when it is not a valid one.
+    """The name hidden by the OCI whiteout ``name`` in a tarball being imported, or None
+    when the importer refuses it.
 
-    Stricter than :func:`unionfs.format.oci_target`: a target that is itself a marker
-    (``.wh..wh.foo``, AUFS metadata) is refused too.
+    Stricter than the mount (:func:`unionfs.format.oci_target`), on purpose: a layer being
+    written refuses a target that is itself a marker (``.wh..wh.foo``, AUFS metadata),
+    which would hide nothing any layer can show.
     """
     target = format.oci_target(name)
     if target is None or format.is_marker_name(target) or b"/" in target or b"\0" in target:

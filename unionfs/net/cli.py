@@ -12,8 +12,8 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import NoReturn
 
+from unionfs.cli.args import ArgumentParser
 from unionfs.errors import UnionfsError, UsageError
 from unionfs.net import lifecycle, links, nft
 from unionfs.net.config import NetConfig
@@ -22,13 +22,6 @@ from unionfs.net.portspec import PortMapping, parse_port_spec
 from unionfs.net.state import RunDir, is_alive
 
 log = logging.getLogger(__name__)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -67,7 +60,7 @@ def _run(argv: list[str], cfg: NetConfig) -> int:
         head, command = argv[:split], argv[split + 1 :]
     else:
         head, command = argv, []
-    p = _Parser(prog="unionfs run", add_help=True)
+    p = ArgumentParser(prog="unionfs run", add_help=True)
     p.add_argument("--name")
     p.add_argument("--network", "--net", default="bridge")
     p.add_argument("-p", "--publish", action="append", default=[], metavar="SPEC")
@@ -118,7 +111,7 @@ def _run(argv: list[str], cfg: NetConfig) -> int:
 
 
 def _ps(argv: list[str], cfg: NetConfig) -> int:
-    p = _Parser(prog="unionfs ps")
+    p = ArgumentParser(prog="unionfs ps")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     records = RunDir(cfg).records()
@@ -141,7 +134,7 @@ def _ps(argv: list[str], cfg: NetConfig) -> int:
 
 
 def _rm(argv: list[str], cfg: NetConfig) -> int:
-    p = _Parser(prog="unionfs rm")
+    p = ArgumentParser(prog="unionfs rm")
     p.add_argument("-f", "--force", action="store_true", help="accepted for Docker parity")
     p.add_argument("names", nargs="+")
     args = p.parse_args(argv)
@@ -159,7 +152,7 @@ def _rm(argv: list[str], cfg: NetConfig) -> int:
 
 
 def _port(argv: list[str], cfg: NetConfig) -> int:
-    p = _Parser(prog="unionfs port")
+    p = ArgumentParser(prog="unionfs port")
     p.add_argument("name")
     p.add_argument("port", nargs="?", help="CTR[/proto]")
     args = p.parse_args(argv)
@@ -182,7 +175,7 @@ def _port(argv: list[str], cfg: NetConfig) -> int:
 
 
 def _network(argv: list[str], cfg: NetConfig) -> int:
-    p = _Parser(prog="unionfs network")
+    p = ArgumentParser(prog="unionfs network")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("ls")
     inspect = sub.add_parser("inspect")
@@ -226,7 +219,7 @@ def _network(argv: list[str], cfg: NetConfig) -> int:
 
 
 def _net(argv: list[str], cfg: NetConfig) -> int:
-    p = _Parser(prog="unionfs net")
+    p = ArgumentParser(prog="unionfs net")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("gc")
     p.parse_args(argv)

@@ -1,13 +1,15 @@
 """ctypes wrappers for the namespace and mount system calls Python 3.11 lacks.
 
-Each wrapper raises :class:`OSError` with the C library's errno on failure.
+Each wrapper raises :class:`OSError` with the C library's errno on failure. They bind their
+calls on :data:`unionfs.fdops.libc`, the package's one ctypes handle of the C library.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+
+from unionfs.fdops import libc as _libc
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -30,7 +32,6 @@ MS_PRIVATE = 0x40000
 MS_RELATIME = 0x200000
 MNT_DETACH = 0x2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,

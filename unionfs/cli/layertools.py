@@ -11,8 +11,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
+from unionfs.cli.args import ArgumentParser, split_lowerdir, split_options, unescape
 from unionfs.errors import UnionfsError, UsageError
 from unionfs.layertools.changes import compute_changes
 from unionfs.layertools.export import (
@@ -36,13 +36,6 @@ from unionfs.layertools.layerscan import display
 from unionfs.layertools.progress import Progress
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that raises UsageError instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
-
-
 def split_mount_options(options: str) -> tuple[list[Path], Path | None]:
     """The lowers (top first) and upper named by ``lowerdir=A:B,upperdir=U`` options.
 
@@ -51,41 +44,13 @@ def split_mount_options(options: str) -> tuple[list[Path], Path | None]:
     """
     lowers: list[Path] = []
     upper: Path | None = None
-    for option in _split_escaped(options, ","):
+    for option in split_options(options):
         key, _, value = option.partition("=")
         if key == "lowerdir":
-            lowers.extend(Path(_unescape(part)) for part in _split_escaped(value, ":") if part)
+            lowers.extend(Path(part) for part in split_lowerdir(value))
         elif key == "upperdir":
-            upper = Path(_unescape(value))
+            upper = Path(unescape(value))
     return lowers, upper
-
-
-def _split_escaped(text: str, sep: str) -> list[str]:
-    parts, current, escaped = [], "", False
-    for char in text:
-        if escaped:
-            current += "\\" + char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == sep:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
-
-
-def _unescape(text: str) -> str:
-    out, escaped = "", False
-    for char in text:
-        if escaped or char != "\\":
-            out += char
-            escaped = False
-        else:
-            escaped = True
-    return out
 
 
 def _progress_flags(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +67,7 @@ def _progress_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _diff(argv: list[str]) -> int:
-    parser = _Parser(prog="unionfs diff", description="List the changes an upper makes.")
+    parser = ArgumentParser(prog="unionfs diff", description="List the changes an upper makes.")
     parser.add_argument("--upper", type=Path, help="the upper layer directory")
     parser.add_argument(
         "--lower", type=Path, action="append", default=[], help="a lower layer (top first)"
@@ -146,7 +111,9 @@ def _result_json(result: ExportResult, output: str | None) -> str:
 
 
 def _export(argv: list[str]) -> int:
-    parser = _Parser(prog="unionfs export", description="Write an upper as an OCI layer tarball.")
+    parser = ArgumentParser(
+        prog="unionfs export", description="Write an upper as an OCI layer tarball."
+    )
     parser.add_argument("--upper", type=Path, help="the upper layer directory")
     parser.add_argument("upper_pos", nargs="?", type=Path, metavar="UPPER")
     parser.add_argument("-o", "--output", help="the tarball to write (default: stdout)")
@@ -191,7 +158,7 @@ def _size(text: str) -> int:
 
 
 def _import(argv: list[str]) -> int:
-    parser = _Parser(prog="unionfs import", description="Unpack an OCI layer into a lower.")
+    parser = ArgumentParser(prog="unionfs import", description="Unpack an OCI layer into a lower.")
     parser.add_argument("layer", help="the layer tarball (plain, gzip or zstd; - for stdin)")
     parser.add_argument("dir", type=Path, help="the new lower directory (absent or empty)")
     parser.add_argument(

@@ -1,10 +1,18 @@
-"""The README's end-to-end example: a server in a unionfs mount, its log lands in the upper."""
+"""The README's end-to-end example: a server in a unionfs mount, its log lands in the upper.
+
+A mount test that uses the network helper: it lives with the mount tests and borrows the
+network tests' sandbox (a throwaway network and mount namespace) and busybox root.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+from tests.net.conftest import rootfs, sandbox
+
+__all__ = ["rootfs", "sandbox"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.net, pytest.mark.mount]
 

@@ -3,10 +3,12 @@
 Subcommand families live in their own modules, each exposing ``main(argv) -> int`` where
 ``argv`` starts with the subcommand name:
 
-* mount, umount, install-helper, and the fuse-overlayfs form ``-o lowerdir=..`` -> unionfs.mountcli
-* inspect, layers, stats                                  -> unionfs.inspectcli
-* diff, export, import                                    -> unionfs.layertools.cli
+* mount, umount, install-helper, the fuse-overlayfs form ``-o lowerdir=..`` -> cli.mount
+* inspect, layers, stats                                  -> unionfs.cli.inspect
+* diff, export, import                                    -> unionfs.cli.layertools
 * run, ps, rm, port, network, net                         -> unionfs.net.cli
+
+Every family reads its arguments with :mod:`unionfs.cli.args`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import sys
 from unionfs.errors import UnionfsError
 
 _FAMILIES = {
-    "unionfs.mountcli": ("mount", "umount", "install-helper"),
-    "unionfs.inspectcli": ("inspect", "layers", "stats"),
-    "unionfs.layertools.cli": ("diff", "export", "import"),
+    "unionfs.cli.mount": ("mount", "umount", "install-helper"),
+    "unionfs.cli.inspect": ("inspect", "layers", "stats"),
+    "unionfs.cli.layertools": ("diff", "export", "import"),
     "unionfs.net.cli": ("run", "ps", "rm", "port", "network", "net"),
 }
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name = _module_for(args[0])
     if module_name is None:
         # Anything else is the fuse-overlayfs / mount-helper form: options and a mountpoint.
-        module_name = "unionfs.mountcli"
+        module_name = "unionfs.cli.mount"
         args = ["mount", "--compat", *args]
     try:
         module = importlib.import_module(module_name)

@@ -19,7 +19,8 @@ import sys
 import time
 from typing import Any
 
-from unionfs.errors import ArgumentParser, UnionfsError, UsageError
+from unionfs.cli.args import ArgumentParser
+from unionfs.errors import UnionfsError, UsageError
 from unionfs.layertools.layerscan import open_dir, walk_tree
 
 INSPECT = b"user.unionfs.inspect"

@@ -20,7 +20,8 @@ import sys
 import time
 
 from unionfs import config
-from unionfs.errors import ArgumentParser, UnionfsError, UsageError
+from unionfs.cli.args import ArgumentParser, split_options
+from unionfs.errors import UnionfsError, UsageError
 
 HELPER_PATH = "/sbin/mount.fuse.unionfs"
 
@@ -35,9 +36,9 @@ def _parse_compat(args: list[str]) -> tuple[config.MountConfig, list[str]]:
             value = next(it, None)
             if value is None:
                 raise UsageError("-o needs an argument")
-            options += config.split_options(value)
+            options += split_options(value)
         elif arg.startswith("-o"):
-            options += config.split_options(arg[2:])
+            options += split_options(arg[2:])
         elif arg == "-f":
             foreground = True
         elif arg in ("-d", "--debug"):
@@ -74,7 +75,7 @@ def _parse_mount(args: list[str]) -> tuple[config.MountConfig, list[str], str | 
     )
     warnings: list[str] = []
     for value in ns.options:
-        cfg, more = config.apply_options(cfg, config.split_options(value))
+        cfg, more = config.apply_options(cfg, split_options(value))
         warnings += more
     if ns.lower and any(o.startswith("lowerdir=") for v in ns.options for o in v.split(",")):
         raise UsageError("give the lowers either with --lower or with -o lowerdir=, not both")

@@ -1,0 +1,132 @@
+"""Copy-up in-process, without FUSE: the copy, its metadata and origin, the parents, the
+events it emits, the counters, and the error boundary of a change that fails half-way."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from unionfs import format
+from unionfs.config import MountConfig
+from unionfs.fs import listing
+from unionfs.fs.nodes import ROOT_INO, Node
+from unionfs.fs.union import Union
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> Iterator[Union]:
+    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    for d in (lower, upper, work):
+        d.mkdir()
+    (lower / "a" / "b").mkdir(parents=True)
+    (lower / "a" / "b" / "f").write_text("lower data")
+    os.chmod(lower / "a" / "b" / "f", 0o640)
+    os.setxattr(lower / "a" / "b" / "f", b"user.note", b"kept")
+    os.utime(lower / "a" / "b" / "f", ns=(1_000_000_000, 2_000_000_000))
+    (lower / "a" / "link").symlink_to("b/f")
+    union = Union(
+        MountConfig(
+            lowers=[str(lower)], mountpoint=str(tmp_path), upper=str(upper), workdir=str(work)
+        )
+    )
+    yield union
+    union.close()
+
+
+def _node(fs: Union, path: bytes) -> Node:
+    node = fs.table.root
+    for name in path.split(b"/"):
+        found = fs.lookup(node.ino, name)
+        assert found is not None, name
+        node = found[0]
+    return node
+
+
+def test_open_for_write_copies_up_with_metadata_and_origin(fs: Union, tmp_path: Path) -> None:
+    upper, lower = tmp_path / "upper", tmp_path / "lower"
+    node = _node(fs, b"a/b/f")
+    parents = [_node(fs, b"a").ino, _node(fs, b"a/b").ino]
+    shown = node.st_ino
+    stale: list[int] = []
+    fs.events.on_stale(stale.append)
+    assert node.immutable
+
+    async def write() -> None:
+        fh = await fs.open(node.ino, os.O_WRONLY)
+        await fs.write(fh, 0, b"UPPER")
+        fs.release(fh)
+
+    trio.run(write)
+    copy = upper / "a" / "b" / "f"
+    assert copy.read_text() == "UPPER data" and (lower / "a/b/f").read_text() == "lower data"
+    st = os.lstat(copy)
+    assert stat.S_IMODE(st.st_mode) == 0o640 and os.getxattr(copy, b"user.note") == b"kept"
+    # The copy records its origin as the kernel does, and keeps showing the lower number.
+    assert os.getxattr(copy, format.ORIGIN_XATTRS[0])[1] == format.OVL_FH_MAGIC
+    assert node.layers == (0,) and node.st_ino == shown and not node.immutable
+    # What was shown of the lower objects is no longer true: parents first, then the file.
+    assert stale == [*parents, node.ino]
+    # Parents first, each marked impure where it holds a copied-up entry.
+    assert (upper / "a" / "b").is_dir()
+    assert os.getxattr(upper / "a" / "b", format.IMPURE_XATTRS[0]) == b"y"
+    assert fs.stats.copy_ups == 3 and fs.stats.copy_up_bytes == len("lower data")
+    assert [e["event"] for e in fs.stats.events] == ["copy-up"] * 3
+    assert os.listdir(tmp_path / "work" / "work") == []  # nothing left half-built
+
+
+def test_chmod_is_folded_into_the_copy(fs: Union, tmp_path: Path) -> None:
+    node = _node(fs, b"a/b/f")
+    attr = trio.run(lambda: fs.setattr(node.ino, None, mode=0o600))
+    copy = tmp_path / "upper" / "a" / "b" / "f"
+    assert stat.S_IMODE(attr.st.st_mode) == 0o600 == stat.S_IMODE(os.lstat(copy).st_mode)
+    # The copy kept the lower times: the chmod is not a second change after the copy-up.
+    assert os.lstat(copy).st_mtime_ns == 2_000_000_000
+    assert fs.stats.copy_ups == 3
+
+
+def test_symlink_copy_up_keeps_the_target(fs: Union, tmp_path: Path) -> None:
+    node = _node(fs, b"a/link")
+    trio.run(lambda: fs.setxattr(node.ino, b"trusted.mark", b"1"))
+    copy = tmp_path / "upper" / "a" / "link"
+    assert os.readlink(copy) == "b/f" and node.layers == (0,)
+    assert os.getxattr(copy, b"trusted.mark", follow_symlinks=False) == b"1"
+
+
+def test_a_change_failing_half_way_drops_the_listings_it_touched(fs: Union) -> None:
+    a = _node(fs, b"a")
+    b = _node(fs, b"a/b")
+    listing.index_of(fs.s, a)
+    listing.index_of(fs.s, b)
+
+    def make(dir_fd: int, name: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    async def create() -> None:
+        with fs.s.changing():
+            await fs.dirops.new_entry(b.ino, b"new", False, make, 0, 0)
+
+    with pytest.raises(OSError) as exc:
+        trio.run(create)
+    assert exc.value.errno == errno.ENOSPC
+    # The parents were copied up before the failure: their indexes are rebuilt next time.
+    assert b.index is None and a.index is None
+    assert sorted(listing.index_of(fs.s, b).names()) == [b"f"]
+    assert b.layers == (0, 1)
+
+
+def test_refused_before_any_change_keeps_the_listings(fs: Union) -> None:
+    a = _node(fs, b"a")
+    index = listing.index_of(fs.s, a)
+    with pytest.raises(OSError) as exc:
+        trio.run(lambda: fs.mkdir(a.ino, b"b", 0o755, 0, 0))
+    assert exc.value.errno == errno.EEXIST
+    assert a.index is index
+    with pytest.raises(OSError) as exc:
+        trio.run(lambda: fs.mkdir(ROOT_INO, b".wh.x", 0o755, 0, 0))
+    assert exc.value.errno == errno.EINVAL
