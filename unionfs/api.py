@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from unionfs.cli.args import split_lowerdir
 from unionfs.errors import UnionfsError
@@ -59,16 +60,12 @@ def _run(command: str, *args: str) -> None:
 
 
 @contextlib.contextmanager
-def mounted(
-    lowers: Sequence[str],
-    mountpoint: str,
-    upper: str | None = None,
-    workdir: str | None = None,
-    options: Sequence[str] = (),
-    log_file: str | None = None,
-) -> Iterator[str]:
-    """Mount for the duration of the ``with`` block; always unmounts, lazily if it must."""
-    mount(lowers, mountpoint, upper, workdir, options, log_file)
+def mounted(lowers: Sequence[str], mountpoint: str, *args: Any, **kwargs: Any) -> Iterator[str]:
+    """Mount for the duration of the ``with`` block; always unmounts, lazily if it must.
+
+    The arguments are :func:`mount`'s.
+    """
+    mount(lowers, mountpoint, *args, **kwargs)
     try:
         yield os.path.realpath(mountpoint)
     finally:

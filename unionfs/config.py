@@ -113,6 +113,22 @@ class MountConfig:
         return self.upper is not None and not self.read_only
 
 
+# Options without a value that set one field: name -> (field, value). The kernel mount flags
+# come in pairs (dev/nodev ...): the last one given wins.
+_FLAG_OPTIONS: dict[str, tuple[str, bool]] = {
+    "volatile": ("fsync", False),
+    "ro": ("read_only", True),
+    "auto_unmount": ("auto_unmount", True),
+    "debug": ("debug", True),
+    "userxattr": ("userxattr", True),
+    "nonempty": ("nonempty", True),
+    "noallow_other": ("allow_other", False),
+    "noacl": ("acl", False),
+    **{flag: (flag, True) for flag in ("dev", "suid", "exec")},
+    **{"no" + flag: (flag, False) for flag in ("dev", "suid", "exec")},
+}
+
+
 def _bool_option(name: str, value: str | None) -> bool:
     if value is None:
         return True
@@ -150,28 +166,9 @@ def apply_options(cfg: MountConfig, options: list[str]) -> tuple[MountConfig, li
             new["readahead_kb"] = int(value)
         elif name == "fsync":
             new["fsync"] = _bool_option(name, val)
-        elif name == "volatile":
-            new["fsync"] = False
-        elif name == "ro":
-            new["read_only"] = True
-        elif name == "auto_unmount":
-            new["auto_unmount"] = True
-        elif name == "debug":
-            new["debug"] = True
-        elif name == "userxattr":
-            new["userxattr"] = True
-        elif name == "nonempty":
-            new["nonempty"] = True
-        elif name == "noallow_other":
-            new["allow_other"] = False
-        elif name in ("dev", "nodev"):
-            new["dev"] = name == "dev"
-        elif name in ("suid", "nosuid"):
-            new["suid"] = name == "suid"
-        elif name in ("exec", "noexec"):
-            new["exec"] = name == "exec"
-        elif name == "noacl":
-            new["acl"] = False
+        elif name in _FLAG_OPTIONS:
+            field, flag = _FLAG_OPTIONS[name]
+            new[field] = flag
         elif name in _PASSIVE_OPTIONS or name.startswith("x-"):
             continue
         else:
@@ -214,13 +211,8 @@ class OpenedDir(str):
             self.fd = -1
 
 
-def open_validated(path: str, what: str) -> OpenedDir:
-    """Open the directory ``path`` once, for good; the one-line error names ``what``.
-
-    The path is made canonical (``realpath``) and stat-ed, then its last component is opened
-    ``O_NOFOLLOW``; the descriptor must be the directory that was stat-ed (same device and
-    inode), so a swap between the two is refused rather than followed.
-    """
+def _stat_dir(path: str, what: str) -> os.stat_result:
+    """The stat of the directory ``path`` (followed); a one-line error naming ``what``."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -229,6 +221,17 @@ def open_validated(path: str, what: str) -> OpenedDir:
         raise UnionfsError(f"{what} {path!r}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UnionfsError(f"{what} {path!r} is not a directory")
+    return st
+
+
+def open_validated(path: str, what: str) -> OpenedDir:
+    """Open the directory ``path`` once, for good; the one-line error names ``what``.
+
+    The path is made canonical (``realpath``) and stat-ed, then its last component is opened
+    ``O_NOFOLLOW``; the descriptor must be the directory that was stat-ed (same device and
+    inode), so a swap between the two is refused rather than followed.
+    """
+    st = _stat_dir(path, what)
     real = os.path.realpath(path)
     try:
         fd = open_dir_at(-1, real)
@@ -358,14 +361,7 @@ def _validate(cfg: MountConfig, opened: list[OpenedDir]) -> MountConfig:
             for what, d in (("upperdir", upper), ("workdir", workdir)):
                 if not os.access(".", os.W_OK, dir_fd=d.fd):
                     raise UnionfsError(f"{what} {str(d)!r} is not writable")
-    try:
-        mst = os.stat(cfg.mountpoint)
-    except FileNotFoundError:
-        raise UnionfsError(f"mountpoint {cfg.mountpoint!r} does not exist") from None
-    except OSError as exc:
-        raise UnionfsError(f"mountpoint {cfg.mountpoint!r}: {exc.strerror}") from None
-    if not stat.S_ISDIR(mst.st_mode):
-        raise UnionfsError(f"mountpoint {cfg.mountpoint!r} is not a directory")
+    _stat_dir(cfg.mountpoint, "mountpoint")
     mnt = os.path.realpath(cfg.mountpoint)
     if os.path.ismount(mnt):
         raise UnionfsError(f"mountpoint {mnt!r} is busy: something is already mounted there")

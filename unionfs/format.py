@@ -470,11 +470,8 @@ def upper_hider(dir_fd: int, name: bytes) -> Found | None:
     """What hides ``name`` in the upper directory ``dir_fd``, where the merged view has no
     such name: an entry there (:attr:`Found.CHARDEV_WHITEOUT`, the only kind the mount
     writes), a ``.wh.<name>`` marker (:attr:`Found.OCI_WHITEOUT`), or None."""
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if _exists_at(dir_fd, name):
         return Found.CHARDEV_WHITEOUT
-    except FileNotFoundError:
-        pass
     return Found.OCI_WHITEOUT if oci_marker_exists(dir_fd, name) else None
 
 
@@ -485,10 +482,13 @@ def oci_marker_exists(dir_fd: int, name: bytes) -> bool:
     name must still work everywhere, so the probe answers "no" instead of ENAMETOOLONG.
     """
     marker = OCI_WHITEOUT_PREFIX + name
-    if len(marker) > 255:
-        return False
+    return len(marker) <= 255 and _exists_at(dir_fd, marker)
+
+
+def _exists_at(dir_fd: int, name: bytes) -> bool:
+    """Whether ``name`` exists in ``dir_fd`` (never followed)."""
     try:
-        os.stat(marker, dir_fd=dir_fd, follow_symlinks=False)
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     return True
@@ -545,13 +545,7 @@ def scan_layer_dir(fd: int, opaque: bytes | None | bool = False) -> Iterator[Sca
 
 def is_opaque_dir(fd: int) -> bool:
     """Whether the layer directory open as ``fd`` is opaque, by xattr or OCI marker."""
-    if opaque_value(fd) == OPAQUE_YES:
-        return True
-    try:
-        os.stat(OCI_OPAQUE_NAME, dir_fd=fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
+    return opaque_value(fd) == OPAQUE_YES or _exists_at(fd, OCI_OPAQUE_NAME)
 
 
 def check_opaque(fd: int) -> tuple[bool, list[ScanEntry] | None]:

@@ -23,7 +23,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from unionfs.fs.union import Attr, Caller, Node, Union
+from unionfs.fs.union import Attr, AttrChange, Caller, Node, Union
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +258,7 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        result = await self.fs.setattr(
-            inode,
-            fh,
+        change = AttrChange(
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
@@ -268,6 +266,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
+        result = await self.fs.setattr(inode, fh, change)
         return self.entry(result)
 
     @boundary

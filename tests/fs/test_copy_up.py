@@ -16,7 +16,7 @@ from unionfs import format
 from unionfs.config import MountConfig
 from unionfs.fs import listing
 from unionfs.fs.nodes import ROOT_INO, Node
-from unionfs.fs.union import Union
+from unionfs.fs.union import AttrChange, Union
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_open_for_write_copies_up_with_metadata_and_origin(fs: Union, tmp_path: 
 
 def test_chmod_is_folded_into_the_copy(fs: Union, tmp_path: Path) -> None:
     node = _node(fs, b"a/b/f")
-    attr = trio.run(lambda: fs.setattr(node.ino, None, mode=0o600))
+    attr = trio.run(lambda: fs.setattr(node.ino, None, AttrChange(mode=0o600)))
     copy = tmp_path / "upper" / "a" / "b" / "f"
     assert stat.S_IMODE(attr.st.st_mode) == 0o600 == stat.S_IMODE(os.lstat(copy).st_mode)
     # The copy kept the lower times: the chmod is not a second change after the copy-up.

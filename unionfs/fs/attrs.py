@@ -8,6 +8,7 @@ namespace are escaped on the way down and unescaped on the way up, as the kernel
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -18,6 +19,18 @@ from unionfs.fs.nodes import UPPER, Node
 from unionfs.fs.state import State, err
 
 
+@dataclasses.dataclass(frozen=True)
+class AttrChange:
+    """What one setattr changes; None: left as it is."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
 class Attrs:
     """setattr and the xattr calls of one mount."""
 
@@ -25,31 +38,22 @@ class Attrs:
         self.s = s
         self.copier = copier
 
-    async def setattr(
-        self,
-        node: Node,
-        fh: int | None,
-        *,
-        mode: int | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        size: int | None = None,
-        atime_ns: int | None = None,
-        mtime_ns: int | None = None,
-    ) -> None:
-        """Change what is given (None: unchanged); copies up first (EROFS when read-only).
+    async def setattr(self, node: Node, fh: int | None, change: AttrChange) -> None:
+        """Apply ``change``; copies up first (EROFS when read-only).
 
         The change is folded into the copy-up, except a chown (after which the kernel clears
         set-id bits the copy would have restored) and a truncate that leaves mtime alone
         (ftruncate sets it to now; the copy keeps the lower file's).
         """
+        mode, uid, gid, size = change.mode, change.uid, change.gid, change.size
+        atime_ns, mtime_ns = change.atime_ns, change.mtime_ns
         s = self.s
         s.check_writable()
         if node.layers[0] != UPPER:
-            change = None
+            folded = None
             if uid is None and gid is None and (size is None or mtime_ns is not None):
-                change = Change(mode=mode, atime_ns=atime_ns, mtime_ns=mtime_ns, size=size)
-            if await self.copier.copy_up(node, change):
+                folded = Change(mode=mode, atime_ns=atime_ns, mtime_ns=mtime_ns, size=size)
+            if await self.copier.copy_up(node, folded):
                 return
         own_fd = -1
         if node.parent is None:

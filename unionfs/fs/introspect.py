@@ -159,19 +159,16 @@ def _layer_info(layer: Layer) -> dict[str, Any]:
     return {"index": layer.index, "dir": layer.path, "upper": layer.is_upper}
 
 
-_TYPES = (
-    (stat.S_ISDIR, "directory"),
-    (stat.S_ISREG, "file"),
-    (stat.S_ISLNK, "symlink"),
-    (stat.S_ISFIFO, "fifo"),
-    (stat.S_ISSOCK, "socket"),
-    (stat.S_ISCHR, "char device"),
-    (stat.S_ISBLK, "block device"),
-)
+_TYPES = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFREG: "file",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "char device",
+    stat.S_IFBLK: "block device",
+}
 
 
 def _type_name(mode: int) -> str:
-    for test, name in _TYPES:
-        if test(mode):
-            return name
-    return "unknown"
+    return _TYPES.get(stat.S_IFMT(mode), "unknown")

@@ -26,7 +26,7 @@ import errno
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from unionfs import fdops, format
 from unionfs.fdops import open_dir_at
@@ -49,6 +49,17 @@ _ORIGIN_CACHE_MAX = 1 << 16
 def err(code: int) -> OSError:
     """The OSError for ``code``, as every filesystem operation raises it."""
     return OSError(code, os.strerror(code))
+
+
+T = TypeVar("T")
+
+
+def get_or_raise(table: dict[int, T], key: int, code: int) -> T:
+    """``table[key]``, or the OSError ``code`` (ESTALE for a node, EBADF for a handle)."""
+    found = table.get(key)
+    if found is None:
+        raise err(code)
+    return found
 
 
 class Node:
@@ -150,18 +161,9 @@ class NodeTable:
 
     # -- numbers and counts -------------------------------------------------------------
 
-    def get(self, ino: int) -> Node:
-        node = self.nodes.get(ino)
-        if node is None:
-            raise KeyError(ino)
-        return node
-
     def node(self, ino: int) -> Node:
         """The live node ``ino``; ESTALE when the kernel asks for one it was told to forget."""
-        node = self.nodes.get(ino)
-        if node is None:
-            raise err(errno.ESTALE)
-        return node
+        return get_or_raise(self.nodes, ino, errno.ESTALE)
 
     def private_id(self, key: tuple[object, ...], fresh: bool = False) -> int:
         """A node id from the private range, the same each time for the same ``key``.

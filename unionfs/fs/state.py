@@ -19,7 +19,7 @@ import trio
 
 from unionfs import format
 from unionfs.fs.events import Events
-from unionfs.fs.nodes import UPPER, Node, NodeTable, Origins, err
+from unionfs.fs.nodes import UPPER, Node, NodeTable, Origins, err, get_or_raise
 from unionfs.layers import LayerStack
 from unionfs.stats import Stats
 
@@ -175,16 +175,10 @@ class State:
         return fh
 
     def file_handle(self, fh: int) -> FileHandle:
-        handle = self.file_handles.get(fh)
-        if handle is None:
-            raise err(errno.EBADF)
-        return handle
+        return get_or_raise(self.file_handles, fh, errno.EBADF)
 
     def dir_handle(self, fh: int) -> DirHandle:
-        handle = self.dir_handles.get(fh)
-        if handle is None:
-            raise err(errno.EBADF)
-        return handle
+        return get_or_raise(self.dir_handles, fh, errno.EBADF)
 
     def close(self) -> None:
         for fh in list(self.file_handles.values()):

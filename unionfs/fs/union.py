@@ -23,7 +23,7 @@ from typing import Any
 
 from unionfs.config import MountConfig
 from unionfs.fs import introspect, listing, lookup
-from unionfs.fs.attrs import Attrs
+from unionfs.fs.attrs import AttrChange, Attrs
 from unionfs.fs.copy_up import Change, CopyUp
 from unionfs.fs.dirops import DirOps
 from unionfs.fs.events import Events
@@ -34,7 +34,7 @@ from unionfs.fs.workdir import Workdir
 from unionfs.layers import LayerStack
 from unionfs.stats import Stats
 
-__all__ = ["Attr", "Caller", "Change", "Node", "Union"]
+__all__ = ["Attr", "AttrChange", "Caller", "Change", "Node", "Union"]
 
 
 class Union:
@@ -56,28 +56,12 @@ class Union:
         self.dirops = DirOps(s, self.copier)
         self.attrs = Attrs(s, self.copier)
         self.files = Files(s, self.copier)
-
-    # -- what the adapter and the daemon read ------------------------------------------------
-
-    @property
-    def stack(self) -> LayerStack:
-        return self.s.stack
-
-    @property
-    def table(self) -> NodeTable:
-        return self.s.table
-
-    @property
-    def stats(self) -> Stats:
-        return self.s.stats
-
-    @property
-    def events(self) -> Events:
-        return self.s.events
-
-    @property
-    def mountpoint(self) -> str:
-        return self.s.opts.mountpoint
+        # What the adapter and the daemon read.
+        self.stack: LayerStack = s.stack
+        self.table: NodeTable = s.table
+        self.stats: Stats = s.stats
+        self.events: Events = s.events
+        self.mountpoint = s.opts.mountpoint
 
     def close(self) -> None:
         """Close every descriptor the filesystem holds (handles, directories, layers)."""
@@ -266,33 +250,13 @@ class Union:
 
     # -- attributes ---------------------------------------------------------------------------
 
-    async def setattr(
-        self,
-        ino: int,
-        fh: int | None,
-        *,
-        mode: int | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        size: int | None = None,
-        atime_ns: int | None = None,
-        mtime_ns: int | None = None,
-    ) -> Attr:
-        """Change what is given (None: unchanged) and return the new attributes. EROFS. A
-        lower object is copied up first, with a chmod, utimes or timed truncate folded into
-        the copy (one copy-up counted)."""
+    async def setattr(self, ino: int, fh: int | None, change: AttrChange) -> Attr:
+        """Apply ``change`` and return the new attributes. EROFS. A lower object is copied
+        up first, with a chmod, utimes or timed truncate folded into the copy (one copy-up
+        counted)."""
         node = self.s.node(ino)
         with self.s.changing():
-            await self.attrs.setattr(
-                node,
-                fh,
-                mode=mode,
-                uid=uid,
-                gid=gid,
-                size=size,
-                atime_ns=atime_ns,
-                mtime_ns=mtime_ns,
-            )
+            await self.attrs.setattr(node, fh, change)
         return lookup.attr(self.s, node)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:

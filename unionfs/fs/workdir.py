@@ -140,19 +140,9 @@ def remove_tree_at(dir_fd: int, name: bytes) -> bool:
     left; a name that does not exist counts as removed.
     """
     home = (os.fstat(dir_fd).st_dev, _mount_id(dir_fd))
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        mnt = _mount_id(dir_fd, name)
-    except FileNotFoundError:
-        return True
-    if _foreign(st, mnt, home):
-        _keep(name, "another filesystem is mounted there")
-        return False
-    if not stat.S_ISDIR(st.st_mode):
-        return _unlink(dir_fd, name, is_dir=False)
-    top = _open_same_mount(dir_fd, name, home)
-    if top is None:
-        return False
+    removed, top = _step(dir_fd, name, home)
+    if top < 0:
+        return removed
     stack = [_Frame(top, name, _names(top))]
     try:
         while stack:
@@ -184,21 +174,30 @@ def _visit(frame: _Frame, child: bytes, home: tuple[int, int | None], stack: lis
 
     Returns False when ``child`` is left in place (another mount, or busy).
     """
+    removed, fd = _step(frame.fd, child, home)
+    if fd >= 0:
+        stack.append(_Frame(fd, child, _names(fd)))
+    return removed
+
+
+def _step(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> tuple[bool, int]:
+    """Remove ``name`` in ``dir_fd`` if it is not a directory, else open it to be emptied.
+
+    Returns (True, -1) when it is gone, (False, -1) when it is left in place (another
+    mount, or busy), (True, fd) for a directory of this mount now open as ``fd``.
+    """
     try:
-        st = os.stat(child, dir_fd=frame.fd, follow_symlinks=False)
-        mnt = _mount_id(frame.fd, child)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        mnt = _mount_id(dir_fd, name)
     except FileNotFoundError:
-        return True
+        return True, -1
     if _foreign(st, mnt, home):
-        _keep(child, "another filesystem is mounted there")
-        return False
+        _keep(name, "another filesystem is mounted there")
+        return False, -1
     if not stat.S_ISDIR(st.st_mode):
-        return _unlink(frame.fd, child, is_dir=False)
-    fd = _open_same_mount(frame.fd, child, home)
-    if fd is None:
-        return False
-    stack.append(_Frame(fd, child, _names(fd)))
-    return True
+        return _unlink(dir_fd, name, is_dir=False), -1
+    fd = _open_same_mount(dir_fd, name, home)
+    return (False, -1) if fd is None else (True, fd)
 
 
 def _open_same_mount(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> int | None:

@@ -26,14 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unionfs.errors import UnionfsError
-from unionfs.layertools.layerscan import (
-    LayerPath,
-    display,
-    is_dir,
-    open_dir,
-    opened_dir,
-    scan_dir,
-)
+from unionfs.layertools.layerscan import LayerPath, display, is_dir, open_dir, opened_dir, scan_dir
 
 ADDED = "A"
 CHANGED = "C"
