@@ -14,18 +14,19 @@ by building it in ``work/`` and renaming it into place, so does this module:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
 
-from unionfs import copyup, whiteout
+from unionfs import copyup, posixacl, whiteout
 from unionfs.config import MountConfig
 from unionfs.core import UPPER, Attr, UnionCore, _err
 from unionfs.dirindex import classify_at, oci_marker_exists
@@ -83,6 +84,17 @@ class Caller:
         except OSError:
             pass
         return found
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    """The process umask set to ``mask`` for one creating system call (the daemon's own is
+    0, and requests are served one at a time on the trio thread)."""
+    os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(0)
 
 
 _NO_CHANGE = Change()
@@ -445,10 +457,15 @@ class UnionFS(UnionCore):
         gid: int,
         probe: bool = False,
         linked: Node | None = None,
+        mode: int | None = None,
+        umask: int = 0,
     ) -> tuple[Node, os.stat_result, int | None]:
         """Create ``name`` with ``make(dir_fd, name) -> fd | None`` in the upper layer.
 
         ``linked`` is the node ``make`` links to (a new name of it, with its owner).
+        ``mode`` is the requested mode (not for links and symlinks) and ``umask`` the
+        caller's: the upper filesystem applies it, unless the parent has a default ACL,
+        which then decides, as in the kernel's overlay.
 
         Handles the parent copy-up, owner and set-gid inheritance, and replacing a whiteout
         (the new directory is then opaque). Returns the node (lookup counted), its stat and
@@ -466,8 +483,14 @@ class UnionFS(UnionCore):
         fd: int | None = None
         if hidden == "whiteout":
             tmp = copyup.temp_name()
-            fd = make(self.work_fd, tmp)
+            default_acl = None
+            if mode is not None:
+                default_acl = whiteout.fd_getxattr(pfd, posixacl.DEFAULT_XATTR)
+            with _umask(0 if default_acl else umask):
+                fd = make(self.work_fd, tmp)
             try:
+                if default_acl is not None and mode is not None:
+                    self._inherit_acl(tmp, mode, default_acl, is_dir)
                 if not keep_owner:
                     self._set_owner(self.work_fd, tmp, owner_uid, owner_gid, is_dir and sgid_dir)
                 if is_dir:
@@ -488,12 +511,15 @@ class UnionFS(UnionCore):
                 raise
         else:
             try:
-                fd = make(pfd, name)
+                with _umask(umask):
+                    fd = make(pfd, name)
             except FileExistsError:
                 if careful or self._upper_hidden_by(pfd, name) is None:
                     raise
                 # A stray whiteout in a directory without lowers: take the careful path.
-                return await self._new_entry(parent_ino, name, kind, make, uid, gid, True, linked)
+                return await self._new_entry(
+                    parent_ino, name, kind, make, uid, gid, True, linked, mode, umask
+                )
             try:
                 if not keep_owner:
                     self._set_owner(pfd, name, owner_uid, owner_gid, False)
@@ -528,6 +554,17 @@ class UnionFS(UnionCore):
         node = self.table.remember(node)
         return node, st, fd
 
+    def _inherit_acl(self, tmp: bytes, mode: int, default_acl: bytes, is_dir: bool) -> None:
+        """Give ``tmp`` in ``work/`` what the upper parent's default ACL gives a new object
+        (see :mod:`unionfs.posixacl`)."""
+        new_mode, access = posixacl.inherit(default_acl, stat.S_IMODE(mode))
+        self._chmod_at(self.work_fd, tmp, new_mode)
+        path = whiteout.at_path(self.work_fd, tmp)
+        if access is not None:
+            os.setxattr(path, posixacl.ACCESS_XATTR, access, follow_symlinks=False)
+        if is_dir:
+            os.setxattr(path, posixacl.DEFAULT_XATTR, default_acl, follow_symlinks=False)
+
     @staticmethod
     def _set_owner(dir_fd: int, name: bytes, uid: int, gid: int, keep_sgid: bool) -> None:
         if not keep_sgid and uid == os.geteuid() and gid == os.getegid():
@@ -539,7 +576,14 @@ class UnionFS(UnionCore):
             UnionFS._chmod_at(dir_fd, name, stat.S_IMODE(st.st_mode) | stat.S_ISGID)
 
     async def create(
-        self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+        self,
+        parent_ino: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        uid: int,
+        gid: int,
+        umask: int = 0,
     ) -> tuple[int, Attr]:
         io_flags = (flags & ~(os.O_APPEND | os.O_TRUNC | os.O_CREAT | os.O_EXCL)) | os.O_CLOEXEC
 
@@ -551,19 +595,32 @@ class UnionFS(UnionCore):
                 dir_fd=dir_fd,
             )
 
-        node, st, fd = await self._new_entry(parent_ino, name, "file", make, uid, gid)
+        node, st, fd = await self._new_entry(
+            parent_ino, name, "file", make, uid, gid, mode=mode, umask=umask
+        )
         assert fd is not None
         return self.add_handle(fd, node, UPPER, flags), self._attr(node, st)
 
-    async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+    async def mkdir(
+        self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0
+    ) -> Attr:
         def make(dir_fd: int, n: bytes) -> None:
             os.mkdir(n, stat.S_IMODE(mode), dir_fd=dir_fd)
 
-        node, st, _ = await self._new_entry(parent_ino, name, "dir", make, uid, gid)
+        node, st, _ = await self._new_entry(
+            parent_ino, name, "dir", make, uid, gid, mode=mode, umask=umask
+        )
         return self._attr(node, st)
 
     async def mknod(
-        self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+        self,
+        parent_ino: int,
+        name: bytes,
+        mode: int,
+        rdev: int,
+        uid: int,
+        gid: int,
+        umask: int = 0,
     ) -> Attr:
         if stat.S_ISCHR(mode) and rdev == 0:
             # A char 0/0 device is a whiteout in the upper: like the kernel, never let a
@@ -573,7 +630,9 @@ class UnionFS(UnionCore):
         def make(dir_fd: int, n: bytes) -> None:
             os.mknod(n, mode, rdev, dir_fd=dir_fd)
 
-        node, st, _ = await self._new_entry(parent_ino, name, "node", make, uid, gid)
+        node, st, _ = await self._new_entry(
+            parent_ino, name, "node", make, uid, gid, mode=mode, umask=umask
+        )
         return self._attr(node, st)
 
     async def symlink(
