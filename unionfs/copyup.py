@@ -305,9 +305,19 @@ def clean_workdir(work_fd: int, kept: list[bytes] | None = None) -> int:
     """Remove leftovers of interrupted copy-ups from ``work/``; returns how many.
 
     Entries that cannot be removed without crossing into another mount stay, logged with a
-    warning, and their names are appended to ``kept`` when given (the kernel's overlay also
-    leaves them, and then mounts read-only because it cannot recreate ``work/``).
+    warning, and their names are appended to ``kept`` when given; when ``work/`` is itself a
+    mount point, all of its entries stay. The kernel's overlay also leaves them, and then
+    mounts read-only because it cannot recreate ``work/``.
     """
+    parent = (os.stat(b"..", dir_fd=work_fd).st_dev, _mount_id(work_fd, b".."))
+    if _foreign(os.fstat(work_fd), _mount_id(work_fd), parent):
+        # work/ itself is a mount point: everything in it belongs to that other mount.
+        names = _names(work_fd)
+        if names:
+            _keep(b"work", "another filesystem is mounted on it; nothing in it is removed")
+        if kept is not None:
+            kept.extend(names)
+        return 0
     count = 0
     for child in _names(work_fd):
         if remove_tree_at(work_fd, child):
