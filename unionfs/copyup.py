@@ -212,10 +212,10 @@ def remove_tree_at(dir_fd: int, name: bytes) -> bool:
         return False
     if not stat.S_ISDIR(st.st_mode):
         return _unlink(dir_fd, name, is_dir=False)
-    top = _open_same_mount(dir_fd, name, home)
-    if top is None:
-        return False
-    stack = [_Frame(top, name, _names(top))]
+    top = _enter(dir_fd, name, home)
+    if not isinstance(top, _Frame):
+        return top
+    stack = [top]
     try:
         while stack:
             frame = stack[-1]
@@ -256,28 +256,37 @@ def _visit(frame: _Frame, child: bytes, home: tuple[int, int | None], stack: lis
         return False
     if not stat.S_ISDIR(st.st_mode):
         return _unlink(frame.fd, child, is_dir=False)
-    fd = _open_same_mount(frame.fd, child, home)
-    if fd is None:
-        return False
-    stack.append(_Frame(fd, child, _names(fd)))
+    entered = _enter(frame.fd, child, home)
+    if not isinstance(entered, _Frame):
+        return entered
+    stack.append(entered)
     return True
 
 
-def _open_same_mount(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> int | None:
-    """Open directory ``name`` without following a symlink; None if it is on another mount.
+def _enter(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> _Frame | bool:
+    """Open directory ``name`` without following a symlink, as a frame to empty.
 
-    The check is made again on the opened descriptor, so a mount placed on ``name`` after
-    it was examined is never entered.
+    The mount check is made again on the opened descriptor, so a mount placed on ``name``
+    after it was examined is never entered (False: left in place). A name that is gone, or
+    that turned into a symlink or a file meanwhile, is handled here (True: removed).
     """
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    if _foreign(os.fstat(fd), _mount_id(fd), home):
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        return _unlink(dir_fd, name, is_dir=False)  # swapped for a symlink or a file
+    try:
+        if _foreign(os.fstat(fd), _mount_id(fd), home):
+            _keep(name, "another filesystem is mounted there")
+            os.close(fd)
+            return False
+        return _Frame(fd, name, _names(fd))
+    except BaseException:
         os.close(fd)
-        _keep(name, "another filesystem is mounted there")
-        return None
-    return fd
+        raise
 
 
 def _unlink(dir_fd: int, name: bytes, *, is_dir: bool) -> bool:
