@@ -37,6 +37,7 @@ from unionfs.sysc import (
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     fallocate,
+    mount_id,
     renameat2,
 )
 
@@ -154,9 +155,21 @@ class UnionFS(UnionCore):
         if work_st.st_mode & stat.S_ISGID:  # new files take the directory's group
             self.egid = work_st.st_gid
         self.upper_dev = work_st.st_dev
-        cleaned = copyup.clean_workdir(self.work_fd)
+        kept: list[bytes] = []
+        cleaned = copyup.clean_workdir(self.work_fd, kept)
         if cleaned:
             log.warning("removed %d leftover(s) of interrupted copy-ups from %s", cleaned, workdir)
+        if kept or mount_id(self.work_fd) != mount_id(wfd):
+            # Like the kernel: a work/ that cannot be emptied (another filesystem is mounted
+            # in it or on it) is left alone, and the mount is read-only.
+            os.close(self.work_fd)
+            self.work_fd = -1
+            self.writable = False
+            self.cfg.warnings.append(
+                f"workdir {workdir!r}: work/ cannot be emptied (another mount is in it or on "
+                "it): mounting read-only"
+            )
+            return
         if not whiteout.mknod_whiteouts_supported(self.work_fd):
             self.oci_whiteouts = True
             self.cfg.warnings.append(
@@ -185,11 +198,22 @@ class UnionFS(UnionCore):
     # -- copy-up ------------------------------------------------------------------------
 
     def upper_dir_fd(self, node: Node) -> int:
-        """The upper directory of ``node``, copying it (and its parents) up if needed."""
-        if node.layers[0] == UPPER:
-            return self.table.dir_fd(node, UPPER)
-        assert node.parent is not None  # the root always has an upper when writable
-        parent_fd = self.upper_dir_fd(node.parent)
+        """The upper directory of ``node``, copying it (and its parents, top-down) up if
+        needed. Iterative: a chain thousands of levels deep is copied up in one call."""
+        missing: list[Node] = []
+        cur = node
+        while cur.layers[0] != UPPER:
+            assert cur.parent is not None  # the root always has an upper when writable
+            missing.append(cur)
+            cur = cur.parent
+        fd = self.table.dir_fd(cur, UPPER)
+        for child in reversed(missing):
+            fd = self._copy_up_dir(child, fd)
+        return fd
+
+    def _copy_up_dir(self, node: Node, parent_fd: int) -> int:
+        """Copy the directory ``node`` up into its parent's upper directory ``parent_fd``."""
+        assert node.parent is not None
         lower_fd = self.table.dir_fd(node, node.layer)
         st = os.fstat(lower_fd)
         tmp = copyup.temp_name()

@@ -232,11 +232,6 @@ def test_deep_lower_chain_exports_and_imports(tmp_path: Path, canary: None) -> N
     assert len(compute_changes(tmp_path / "back")) == 2 * DEPTH + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writes.py UnionFS.upper_dir_fd recurses over the parents being copied up: "
-    "RecursionError, EIO",
-)
 def test_copy_up_at_the_bottom_of_a_deep_lower_chain_matches_the_kernel(
     union: Callable[[int], Union], tmp_path: Path, canary: None
 ) -> None:
