@@ -73,6 +73,11 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     # pyfuse3 3.5.0+unionfs.3 passes XATTR_CREATE/XATTR_REPLACE on to setxattr.
     setxattr_takes_flags = True
+    # pyfuse3 3.5.0+unionfs.4: the kernel sends modes unmasked and the daemon applies the
+    # caller's umask through the upper filesystem, so that a default ACL replaces it as on the
+    # kernel's overlay. (With an older pyfuse3 the kernel masks first; applying it again
+    # changes nothing.)
+    enable_dont_mask = True
     # FUSE_CAP_POSIX_ACL: the kernel enforces the ACLs it reads through getxattr, as it
     # enforces modes under default_permissions (always on). The mount sets it per instance
     # from the noacl option.
@@ -273,7 +278,9 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, attr = await self.fs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        fh, attr = await self.fs.create(
+            parent_inode, name, mode, flags, ctx.uid, ctx.gid, ctx.umask
+        )
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.entry(attr)
 
     @boundary
@@ -296,13 +303,17 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self.entry(await self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self.entry(
+            await self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid, ctx.umask)
+        )
 
     @boundary
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self.entry(await self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+        return self.entry(
+            await self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid, ctx.umask)
+        )
 
     @boundary
     async def symlink(

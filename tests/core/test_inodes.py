@@ -57,3 +57,38 @@ def test_dir_fd_lru_is_bounded(tmp_path: Path) -> None:
     assert sum(len(n.fds or {}) for n in nodes) == 8
     assert os.fstat(table.dir_fd(nodes[0], 0))  # evicted ones reopen on demand
     table.close()
+
+
+def test_dir_fd_reaches_any_depth_after_evictions(tmp_path: Path) -> None:
+    """Descriptors of deep ancestors evicted from the cache are reopened without recursion."""
+    stack = _stack(tmp_path, 1)
+    depth = 3000  # deeper than Python's recursion limit
+    fd = os.open(tmp_path / "l0", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.mknod("bottom", dir_fd=fd)
+    finally:
+        os.close(fd)
+    table = NodeTable(stack, max_dir_fds=8)
+    chain = [table.root]
+    for i in range(depth):
+        chain.append(Node(1000 + i, chain[-1], b"d", True, (0,)))
+    for _ in range(2):  # the second time, all but the last few were evicted
+        bottom = table.dir_fd(chain[-1], 0)
+        assert os.stat("bottom", dir_fd=bottom).st_size == 0
+        table.dir_fd(chain[1], 0)
+    assert len(table._fd_lru) <= 8
+    table.close()
+    stack.close()
+    # pytest's own clean-up of tmp_path recurses: remove the chain without recursion.
+    from unionfs.fs.workdir import remove_tree_at
+
+    root = os.open(tmp_path / "l0", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        remove_tree_at(root, b"d")
+    finally:
+        os.close(root)

@@ -101,7 +101,7 @@ def scratch() -> Iterator[Path]:
     try:
         yield root
     finally:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             mounts = [line.split()[4] for line in f]
         for m in sorted((m for m in mounts if m.startswith(f"{root}/")), reverse=True):
             force_unmount(m, fuse=True)

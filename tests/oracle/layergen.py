@@ -202,13 +202,17 @@ class _Gen:
         self._meta(p, is_dir=False)
         self._set(path, "f")
         self.stats.add("file")
-        self.lower_files.append(p)
-        if data and self.rng.random() < 0.2 and "decoy_xattr" in self.forms:
+        upper = self.lidx == 0 and self.has_upper
+        if data and not upper and self.rng.random() < 0.2 and "decoy_xattr" in self.forms:
             # A whiteout xattr on a non-empty file is no whiteout: a plain file.  (Zero-size
             # decoys are ambiguous in the kernel: lookup honours the xattr in any layer that
-            # has an "x" dir, readdir only inside "x" dirs.)
+            # has an "x" dir, readdir only inside "x" dirs.)  Never in a pre-populated upper:
+            # a truncation through the mount would make it a zero-size decoy there, which the
+            # kernel shows until a remount and hides after it.
             os.setxattr(p, "trusted.overlay.whiteout", b"y")
             self.stats.add("decoy_xattr")
+        else:
+            self.lower_files.append(p)  # (a decoy linked into another layer is no decoy)
 
     def _set(self, path: str, kind: str) -> None:
         self._drop(path)

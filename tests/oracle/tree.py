@@ -134,8 +134,14 @@ class Snapshot:
         )
 
 
-def user_xattrs(path: str | bytes) -> tuple[tuple[str, bytes], ...]:
-    """Sorted user-visible xattrs of ``path`` (never followed), internal namespaces excluded."""
+def user_xattrs(path: str | bytes, *, everything: bool = False) -> tuple[tuple[str, bytes], ...]:
+    """Sorted visible xattrs of ``path`` (never followed).
+
+    By default only ``user.*`` outside the internal namespaces; with ``everything`` every name
+    ``listxattr`` returns (``trusted.*``, ``security.*`` too): through a mount, the kernel hides
+    its own ``trusted.overlay.*`` and shows escaped ones unescaped, so whatever a backend shows
+    beyond that is a difference.
+    """
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
@@ -144,7 +150,9 @@ def user_xattrs(path: str | bytes) -> tuple[tuple[str, bytes], ...]:
         raise
     out = []
     for name in names:
-        if not name.startswith("user.") or name.startswith(INTERNAL_XATTR_PREFIXES):
+        if not everything and (
+            not name.startswith("user.") or name.startswith(INTERNAL_XATTR_PREFIXES)
+        ):
             continue
         try:
             out.append((name, os.getxattr(path, name, follow_symlinks=False)))
@@ -166,8 +174,12 @@ def file_digest(path: str | bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def entry_of(path: str, st: os.stat_result) -> Entry:
-    """Build the :class:`Entry` for ``path`` whose lstat result is ``st``."""
+def entry_of(path: str, st: os.stat_result, *, all_xattrs: bool = False) -> Entry:
+    """Build the :class:`Entry` for ``path`` whose lstat result is ``st``.
+
+    ``path`` may be a ``/proc/self/fd/N/name`` path (how the fd-relative walks stay below
+    PATH_MAX); it is never followed in its last component.
+    """
     kind = kind_of(st.st_mode)
     is_dir = kind == "dir"
     return Entry(
@@ -178,39 +190,77 @@ def entry_of(path: str, st: os.stat_result) -> Entry:
         size=None if is_dir else st.st_size,
         digest=file_digest(path) if kind == "reg" else None,
         target=os.fsencode(os.readlink(path)) if kind == "lnk" else None,
-        xattrs=user_xattrs(path) if kind != "lnk" else (),
+        xattrs=user_xattrs(path, everything=all_xattrs) if kind != "lnk" else (),
         nlink=None if is_dir else st.st_nlink,
         rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("chr", "blk") else None,
     )
 
 
-def snapshot(root: str | Path, *, under: str = "") -> Snapshot:
+def walk_fd(
+    root: str | Path, under: str = ""
+) -> Iterator[tuple[str, os.stat_result | None, int, str, int]]:
+    """Depth-first no-follow walk through directory file descriptors.
+
+    Yields ``(relative path, lstat, parent dir fd, name, readdir d_ino)`` for every entry below
+    ``root/under``; the fd is valid only until the next item.  Every syscall is relative to a
+    directory fd, so paths longer than PATH_MAX are walked too.  Entries that vanish between
+    readdir and lstat are yielded with ``lstat`` None (phantoms).  Directories that cannot be
+    opened are not descended into.
+    """
+    top = os.open(os.fspath(root), os.O_RDONLY | os.O_DIRECTORY)
+    fds = [top]
+    try:
+        start = top
+        for comp in [c for c in under.strip("/").split("/") if c]:
+            try:
+                start = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=start)
+            except FileNotFoundError:
+                return  # no such subtree: nothing to walk (as os.walk)
+            fds.append(start)
+        yield from _walk_dir(start, under.strip("/"))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _walk_dir(dfd: int, rel: str) -> Iterator[tuple[str, os.stat_result | None, int, str, int]]:
+    with os.scandir(dfd) as it:
+        listing = sorted((e.name, e.inode()) for e in it)
+    for name, dino in listing:
+        relpath = f"{rel}/{name}" if rel else name
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            yield relpath, None, dfd, name, dino
+            continue
+        yield relpath, st, dfd, name, dino
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+            except OSError:
+                continue
+            try:
+                yield from _walk_dir(sub, relpath)
+            finally:
+                os.close(sub)
+
+
+def snapshot(root: str | Path, *, under: str = "", all_xattrs: bool = False) -> Snapshot:
     """Walk the tree at ``root`` (lstat, never following) and snapshot it.
 
     ``under`` restricts the walk to one subdirectory (relative path); paths in the result are
-    always relative to ``root``.
+    always relative to ``root``.  ``all_xattrs`` records every visible xattr, not only
+    ``user.*``.  The walk is fd-relative, so paths longer than PATH_MAX are included.
     """
     snap = Snapshot()
-    root = os.fspath(root)
-    start = os.path.join(root, under) if under else root
-    stack = [(start, under.strip("/"))]
-    while stack:
-        dirpath, rel = stack.pop()
-        with os.scandir(dirpath) as it:
-            listing = sorted(it, key=lambda e: e.name)
-        for de in listing:
-            relpath = f"{rel}/{de.name}" if rel else de.name
-            try:
-                st = os.lstat(de.path)
-            except FileNotFoundError:
-                snap.phantoms.add(relpath)
-                continue
-            snap.entries[relpath] = entry_of(de.path, st)
-            snap.inodes[relpath] = (st.st_dev, st.st_ino)
-            if de.inode() != st.st_ino:
-                snap.dino_mismatch[relpath] = (de.inode(), st.st_ino)
-            if stat.S_ISDIR(st.st_mode):
-                stack.append((de.path, relpath))
+    for relpath, st, dfd, name, dino in walk_fd(root, under):
+        if st is None:
+            snap.phantoms.add(relpath)
+            continue
+        snap.entries[relpath] = entry_of(f"/proc/self/fd/{dfd}/{name}", st, all_xattrs=all_xattrs)
+        snap.inodes[relpath] = (st.st_dev, st.st_ino)
+        if dino != st.st_ino:
+            snap.dino_mismatch[relpath] = (dino, st.st_ino)
     return snap
 
 
@@ -312,43 +362,73 @@ def _getx(path: str, name: str) -> bytes | None:
         raise
 
 
+#: The kernel's bookkeeping xattrs whose bytes are the kernel's own (a file handle of the lower
+#: object, an "impure" flag): compared by presence unless ``UNIONFS_DIFF_ORIGIN=exact``.
+BOOKKEEPING_XATTRS = ("trusted.overlay.origin", "trusted.overlay.impure")
+
+
+def origin_mode() -> str:
+    """``presence`` (default) or ``exact``: how :data:`BOOKKEEPING_XATTRS` are compared in
+    upper snapshots (the switch ``UNIONFS_DIFF_ORIGIN``)."""
+    mode = os.environ.get("UNIONFS_DIFF_ORIGIN", "presence")
+    if mode not in ("presence", "exact"):
+        raise ValueError(f"UNIONFS_DIFF_ORIGIN={mode!r}: expected presence or exact")
+    return mode
+
+
+def _stored_xattrs(path: str, origin: str) -> tuple[tuple[str, bytes], ...]:
+    """Every xattr stored on ``path`` in every namespace, bookkeeping values blanked unless
+    ``origin == "exact"``."""
+    out = []
+    for name, value in user_xattrs(path, everything=True):
+        if name in BOOKKEEPING_XATTRS and origin != "exact":
+            value = b"<present>"
+        out.append((name, value))
+    return tuple(out)
+
+
 def upper_snapshot(
-    root: str | Path, *, under: str = "", dir_meta: bool = True
+    root: str | Path,
+    *,
+    under: str = "",
+    dir_meta: bool = True,
+    xattrs: str = "all",
+    origin: str | None = None,
 ) -> dict[str, UpperEntry]:
     """Snapshot an upper directory (or one subdirectory of it) as stored on disk.
 
-    Internal xattrs other than the opaque and whiteout markers (``trusted.overlay.origin``,
-    ``impure``, ``trusted.unionfs.*`` ...) are ignored, as are times.  With ``dir_meta=False``
-    directory mode/owner are not recorded.
+    ``xattrs="all"`` (default) records every xattr in every namespace on every non-whiteout
+    entry (``trusted.overlay.origin``/``impure`` by presence, or exactly with
+    ``origin="exact"``, default from ``UNIONFS_DIFF_ORIGIN``); ``xattrs="user"`` records only
+    user-visible ``user.*`` plus the opaque/whiteout markers (for stand-in backends with their
+    own bookkeeping).  Times are ignored.  With ``dir_meta=False`` directory mode/owner are not
+    recorded.  The walk is fd-relative (paths longer than PATH_MAX are fine).
     """
+    origin = origin or origin_mode()
     out: dict[str, UpperEntry] = {}
-    root = os.fspath(root)
-    start = os.path.join(root, under) if under else root
-    for dirpath, dirnames, filenames in os.walk(start):
-        rel = os.path.relpath(dirpath, root)
-        rel = "" if rel == "." else rel
-        for name in sorted(dirnames + filenames):
-            p = os.path.join(dirpath, name)
-            relpath = f"{rel}/{name}" if rel else name
-            st = os.lstat(p)
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                out[relpath] = UpperEntry("whiteout")
-                continue
-            if name == ".wh..wh..opq":
-                out[relpath] = UpperEntry("oci-opaque")
-                continue
-            if name.startswith(".wh."):
-                out[relpath] = UpperEntry("oci-whiteout")
-                continue
-            e = entry_of(p, st)
-            if e.kind == "dir" and not dir_meta:
-                e = replace(e, mode=0, uid=0, gid=0)
-            opaque = (_getx(p, "trusted.overlay.opaque"), _getx(p, "user.overlay.opaque"))
-            xwh = any(
-                _getx(p, n) is not None
-                for n in ("trusted.overlay.whiteout", "user.overlay.whiteout")
-            )
-            out[relpath] = UpperEntry(e.kind, e, opaque if e.kind == "dir" else (None, None), xwh)
+    for relpath, st, dfd, name, _dino in walk_fd(root, under):
+        if st is None:
+            continue
+        p = f"/proc/self/fd/{dfd}/{name}"
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            out[relpath] = UpperEntry("whiteout")
+            continue
+        if name == ".wh..wh..opq":
+            out[relpath] = UpperEntry("oci-opaque")
+            continue
+        if name.startswith(".wh."):
+            out[relpath] = UpperEntry("oci-whiteout")
+            continue
+        e = entry_of(p, st)
+        if xattrs == "all":
+            e = replace(e, xattrs=_stored_xattrs(p, origin))
+        if e.kind == "dir" and not dir_meta:
+            e = replace(e, mode=0, uid=0, gid=0)
+        opaque = (_getx(p, "trusted.overlay.opaque"), _getx(p, "user.overlay.opaque"))
+        xwh = any(
+            _getx(p, n) is not None for n in ("trusted.overlay.whiteout", "user.overlay.whiteout")
+        )
+        out[relpath] = UpperEntry(e.kind, e, opaque if e.kind == "dir" else (None, None), xwh)
     return out
 
 
@@ -381,26 +461,14 @@ def diff_upper(
 def iter_tree(root: str | Path, under: str = "") -> Iterator[tuple[str, os.stat_result]]:
     """Yield ``(relative path, lstat)`` for every entry below ``root/under``, never following.
 
-    Names that vanish between readdir and lstat are skipped.
+    Names that vanish between readdir and lstat are skipped; the walk is fd-relative.
     """
-    root = os.fspath(root)
-    stack = [under.strip("/")]
-    while stack:
-        rel = stack.pop()
-        try:
-            with os.scandir(os.path.join(root, rel) if rel else root) as it:
-                names = sorted(e.name for e in it)
-        except OSError:
-            continue
-        for name in names:
-            relpath = f"{rel}/{name}" if rel else name
-            try:
-                st = os.lstat(os.path.join(root, relpath))
-            except OSError:
-                continue
-            yield relpath, st
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(relpath)
+    try:
+        for relpath, st, _dfd, _name, _dino in walk_fd(root, under):
+            if st is not None:
+                yield relpath, st
+    except OSError:
+        return
 
 
 def format_report(title: str, lines: Iterable[str]) -> str:

@@ -62,6 +62,8 @@ def both(options: tuple[str, ...] = ()) -> Iterator[tuple[str, str, Path]]:
             d.mkdir(parents=True)
         (lower / "secret").write_text("lower secret\n")
         (lower / "open").write_text("readable\n")
+        (lower / "D" / "old").write_text("to be replaced over a whiteout\n")
+        (lower / "D" / "olddir").mkdir()
         setfacl("-m", "u:nobody:---", str(lower / "secret"))
         setfacl("-m", "u:nobody:rwx", str(lower / "D"))
         setfacl("-d", "-m", "u:nobody:rwx", str(lower / "D"))
@@ -133,13 +135,32 @@ def test_default_acl_is_inherited_as_by_the_kernel_umask_000() -> None:
         assert ours == _modes_and_acls(km, "D", 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the FUSE kernel applies the umask itself unless the daemon asks for "
-    "FUSE_CAP_DONT_MASK (pyfuse3 does not): a default ACL should replace the umask",
-)
 def test_default_acl_is_inherited_as_by_the_kernel_umask_022() -> None:
+    """A default ACL replaces the umask (the daemon asks for FUSE_CAP_DONT_MASK and lets the
+    upper filesystem apply the caller's umask)."""
     with both() as (km, m, _):
         for mnt in (km, m):
             _create(mnt, "D", 0o022)
         assert _modes_and_acls(m, "D", 0o022) == _modes_and_acls(km, "D", 0o022)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_default_acl_applies_to_names_created_over_whiteouts(umask: int) -> None:
+    """A name over a whiteout is built in work/, away from the parent's default ACL: unionfs
+    applies the ACL's inheritance itself, as the kernel's overlay does."""
+    with both() as (km, m, _):
+        for mnt in (km, m):
+            os.unlink(f"{mnt}/D/old")
+            os.rmdir(f"{mnt}/D/olddir")
+            old = os.umask(umask)
+            try:
+                Path(mnt, "D", "old").write_text("")
+                os.mkdir(Path(mnt, "D", "olddir"), 0o750)
+            finally:
+                os.umask(old)
+        ours = [(os.stat(f"{m}/D/{n}").st_mode, getfacl(f"{m}/D/{n}")) for n in ("old", "olddir")]
+        theirs = [
+            (os.stat(f"{km}/D/{n}").st_mode, getfacl(f"{km}/D/{n}")) for n in ("old", "olddir")
+        ]
+        assert "user:nobody:rwx" in ours[0][1]
+        assert ours == theirs

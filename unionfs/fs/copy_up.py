@@ -81,12 +81,23 @@ class CopyUp:
         return True
 
     def upper_dir_fd(self, node: Node) -> int:
-        """The upper directory of ``node``, copying it (and its parents) up if needed."""
+        """The upper directory of ``node``, copying it (and its parents, top-down) up if
+        needed. Iterative: a chain thousands of levels deep is copied up in one call."""
+        missing: list[Node] = []
+        cur = node
+        while cur.layers[0] != UPPER:
+            assert cur.parent is not None  # the root always has an upper when writable
+            missing.append(cur)
+            cur = cur.parent
+        fd = self.s.table.dir_fd(cur, UPPER)
+        for child in reversed(missing):
+            fd = self._copy_up_dir(child, fd)
+        return fd
+
+    def _copy_up_dir(self, node: Node, parent_fd: int) -> int:
+        """Copy the directory ``node`` up into its parent's upper directory ``parent_fd``."""
         s = self.s
-        if node.layers[0] == UPPER:
-            return s.table.dir_fd(node, UPPER)
-        assert node.parent is not None  # the root always has an upper when writable
-        parent_fd = self.upper_dir_fd(node.parent)
+        assert node.parent is not None
         s.touch(node.parent)
         work_fd = self.wd.work_fd
         lower_fd = s.table.dir_fd(node, node.layer)

@@ -18,12 +18,13 @@ lower objects), then the upper object goes, so no moment shows a lower object.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from unionfs import fdops, format
+from unionfs import fdops, format, posixacl
 from unionfs.fdops import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -41,6 +42,17 @@ from unionfs.fs.workdir import temp_name
 
 # make(dir_fd, name) creates the new object there; returns its descriptor if it opened one.
 Make = Callable[[int, bytes], int | None]
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    """The process umask set to ``mask`` for one creating system call (the daemon's own is
+    0, and requests are served one at a time on the trio thread)."""
+    os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(0)
 
 
 class DirOps:
@@ -122,10 +134,15 @@ class DirOps:
         gid: int,
         probe: bool = False,
         linked: Node | None = None,
+        mode: int | None = None,
+        umask: int = 0,
     ) -> tuple[Node, os.stat_result, int | None]:
         """Create ``name`` with ``make(dir_fd, name) -> fd | None`` in the upper layer.
 
         ``linked`` is the node ``make`` links to (a new name of it, with its owner).
+        ``mode`` is the requested mode (not for links and symlinks) and ``umask`` the
+        caller's: the upper filesystem applies it, unless the parent has a default ACL,
+        which then decides, as in the kernel's overlay.
 
         Handles the parent copy-up, owner and set-gid inheritance, and replacing a whiteout
         (the new directory is then opaque). Returns the node (lookup counted), its stat and
@@ -144,8 +161,14 @@ class DirOps:
         fd: int | None = None
         if hidden is format.Found.CHARDEV_WHITEOUT:
             tmp = temp_name()
-            fd = make(wd.work_fd, tmp)
+            default_acl = None
+            if mode is not None:
+                default_acl = fdops.fd_getxattr(pfd, posixacl.DEFAULT_XATTR)
+            with _umask(0 if default_acl else umask):
+                fd = make(wd.work_fd, tmp)
             try:
+                if default_acl is not None and mode is not None:
+                    self._inherit_acl(tmp, mode, default_acl, is_dir)
                 if not keep_owner:
                     self._set_owner(wd.work_fd, tmp, owner_uid, owner_gid, is_dir and sgid_dir)
                 if is_dir:
@@ -166,12 +189,15 @@ class DirOps:
                 raise
         else:
             try:
-                fd = make(pfd, name)
+                with _umask(umask):
+                    fd = make(pfd, name)
             except FileExistsError:
                 if careful or format.upper_hider(pfd, name) is None:
                     raise
                 # A stray whiteout in a directory without lowers: take the careful path.
-                return await self.new_entry(parent_ino, name, is_dir, make, uid, gid, True, linked)
+                return await self.new_entry(
+                    parent_ino, name, is_dir, make, uid, gid, True, linked, mode, umask
+                )
             try:
                 if not keep_owner:
                     self._set_owner(pfd, name, owner_uid, owner_gid, False)
@@ -205,6 +231,18 @@ class DirOps:
             node.index = None
         node = s.table.remember(node)
         return node, st, fd
+
+    def _inherit_acl(self, tmp: bytes, mode: int, default_acl: bytes, is_dir: bool) -> None:
+        """Give ``tmp`` in ``work/`` what the upper parent's default ACL gives a new object
+        (see :mod:`unionfs.posixacl`)."""
+        work_fd = self.wd.work_fd
+        new_mode, access = posixacl.inherit(default_acl, stat.S_IMODE(mode))
+        chmod_at(work_fd, tmp, new_mode)
+        path = fdops.at_path(work_fd, tmp)
+        if access is not None:
+            os.setxattr(path, posixacl.ACCESS_XATTR, access, follow_symlinks=False)
+        if is_dir:
+            os.setxattr(path, posixacl.DEFAULT_XATTR, default_acl, follow_symlinks=False)
 
     async def link(self, node: Node, new_parent_ino: int, new_name: bytes) -> os.stat_result:
         """A new name for ``node`` (copied up first); EPERM for a directory."""

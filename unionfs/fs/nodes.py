@@ -381,16 +381,24 @@ class NodeTable:
 
         Raises OSError if the directory is not there, e.g. it was removed in the upper.
         """
-        if node.parent is None:
-            return self.stack[layer].root_fd
-        fds = node.fds
-        if fds is not None:
-            fd = fds.get(layer)
-            if fd is not None:
-                self._fd_lru.move_to_end((id(node), layer))
-                return fd
-        fd = open_dir_at(self.dir_fd(node.parent, layer), node.name)
-        self.adopt(node, layer, fd)
+        # Up to the nearest directory whose descriptor is at hand (the root's always is),
+        # then down, opening one level at a time: no recursion, whatever the depth.
+        missing: list[Node] = []
+        cur = node
+        while True:
+            if cur.parent is None:
+                fd = self.stack[layer].root_fd
+                break
+            cached = cur.fds.get(layer) if cur.fds is not None else None
+            if cached is not None:
+                self._fd_lru.move_to_end((id(cur), layer))
+                fd = cached
+                break
+            missing.append(cur)
+            cur = cur.parent
+        for child in reversed(missing):
+            fd = open_dir_at(fd, child.name)
+            self.adopt(child, layer, fd)  # the newest entry: never the one evicted next
         return fd
 
     def adopt(self, node: Node, layer: int, fd: int) -> None:

@@ -15,6 +15,7 @@ Which module owns what: :mod:`~unionfs.fs.lookup` (names), :mod:`~unionfs.fs.lis
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -52,6 +53,8 @@ class Union:
             raise
         # Things the user should hear about at mount time (printed by the daemon).
         self.warnings: tuple[str, ...] = tuple(warnings)
+        if not self.workdir.usable:
+            s.opts = dataclasses.replace(s.opts, writable=False)
         self.copier = CopyUp(s, self.workdir)
         self.dirops = DirOps(s, self.copier)
         self.attrs = Attrs(s, self.copier)
@@ -161,10 +164,18 @@ class Union:
     # -- creating and removing names ---------------------------------------------------------
 
     async def create(
-        self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+        self,
+        parent_ino: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        uid: int,
+        gid: int,
+        umask: int = 0,
     ) -> tuple[int, Attr]:
         """Create and open a regular file owned by ``uid``/``gid`` (the group of a set-gid
-        parent). EROFS, EEXIST, ENOTDIR, EINVAL (a ``.wh.`` name), ENAMETOOLONG. Copies the
+        parent), ``mode`` masked by the caller's ``umask`` unless the parent has a default
+        ACL. EROFS, EEXIST, ENOTDIR, EINVAL (a ``.wh.`` name), ENAMETOOLONG. Copies the
         parent up; a whiteout at the name is replaced."""
         io_flags = (flags & ~(os.O_APPEND | os.O_TRUNC | os.O_CREAT | os.O_EXCL)) | os.O_CLOEXEC
 
@@ -177,11 +188,15 @@ class Union:
             )
 
         with self.s.changing():
-            node, st, fd = await self.dirops.new_entry(parent_ino, name, False, make, uid, gid)
+            node, st, fd = await self.dirops.new_entry(
+                parent_ino, name, False, make, uid, gid, mode=mode, umask=umask
+            )
         assert fd is not None
         return self.files.add_handle(fd, node, UPPER, flags), lookup.attr_of(node, st)
 
-    async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+    async def mkdir(
+        self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0
+    ) -> Attr:
         """Make a directory (errnos as :meth:`create`); over a whiteout it is made opaque
         (counted in ``opaque_dirs_created``)."""
 
@@ -189,11 +204,20 @@ class Union:
             os.mkdir(n, stat.S_IMODE(mode), dir_fd=dir_fd)
 
         with self.s.changing():
-            node, st, _ = await self.dirops.new_entry(parent_ino, name, True, make, uid, gid)
+            node, st, _ = await self.dirops.new_entry(
+                parent_ino, name, True, make, uid, gid, mode=mode, umask=umask
+            )
         return lookup.attr_of(node, st)
 
     async def mknod(
-        self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+        self,
+        parent_ino: int,
+        name: bytes,
+        mode: int,
+        rdev: int,
+        uid: int,
+        gid: int,
+        umask: int = 0,
     ) -> Attr:
         """Make a device, fifo or socket (errnos as :meth:`create`); EPERM for a char 0/0
         device, which would be a whiteout in the upper (the kernel refuses it too)."""
@@ -204,7 +228,9 @@ class Union:
             os.mknod(n, mode, rdev, dir_fd=dir_fd)
 
         with self.s.changing():
-            node, st, _ = await self.dirops.new_entry(parent_ino, name, False, make, uid, gid)
+            node, st, _ = await self.dirops.new_entry(
+                parent_ino, name, False, make, uid, gid, mode=mode, umask=umask
+            )
         return lookup.attr_of(node, st)
 
     async def symlink(

@@ -140,10 +140,20 @@ def remove_tree_at(dir_fd: int, name: bytes) -> bool:
     left; a name that does not exist counts as removed.
     """
     home = (os.fstat(dir_fd).st_dev, _mount_id(dir_fd))
-    removed, top = _step(dir_fd, name, home)
-    if top < 0:
-        return removed
-    stack = [_Frame(top, name, _names(top))]
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        mnt = _mount_id(dir_fd, name)
+    except FileNotFoundError:
+        return True
+    if _foreign(st, mnt, home):
+        _keep(name, "another filesystem is mounted there")
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        return _unlink(dir_fd, name, is_dir=False)
+    top = _enter(dir_fd, name, home)
+    if not isinstance(top, _Frame):
+        return top
+    stack = [top]
     try:
         while stack:
             frame = stack[-1]
@@ -174,47 +184,47 @@ def _visit(frame: _Frame, child: bytes, home: tuple[int, int | None], stack: lis
 
     Returns False when ``child`` is left in place (another mount, or busy).
     """
-    removed, fd = _step(frame.fd, child, home)
-    if fd >= 0:
-        stack.append(_Frame(fd, child, _names(fd)))
-    return removed
-
-
-def _step(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> tuple[bool, int]:
-    """Remove ``name`` in ``dir_fd`` if it is not a directory, else open it to be emptied.
-
-    Returns (True, -1) when it is gone, (False, -1) when it is left in place (another
-    mount, or busy), (True, fd) for a directory of this mount now open as ``fd``.
-    """
     try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        mnt = _mount_id(dir_fd, name)
+        st = os.stat(child, dir_fd=frame.fd, follow_symlinks=False)
+        mnt = _mount_id(frame.fd, child)
     except FileNotFoundError:
-        return True, -1
+        return True
     if _foreign(st, mnt, home):
-        _keep(name, "another filesystem is mounted there")
-        return False, -1
+        _keep(child, "another filesystem is mounted there")
+        return False
     if not stat.S_ISDIR(st.st_mode):
-        return _unlink(dir_fd, name, is_dir=False), -1
-    fd = _open_same_mount(dir_fd, name, home)
-    return (False, -1) if fd is None else (True, fd)
+        return _unlink(frame.fd, child, is_dir=False)
+    entered = _enter(frame.fd, child, home)
+    if not isinstance(entered, _Frame):
+        return entered
+    stack.append(entered)
+    return True
 
 
-def _open_same_mount(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> int | None:
-    """Open directory ``name`` without following a symlink; None if it is on another mount.
+def _enter(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> _Frame | bool:
+    """Open directory ``name`` without following a symlink, as a frame to empty.
 
-    The check is made again on the opened descriptor, so a mount placed on ``name`` after
-    it was examined is never entered.
+    The mount check is made again on the opened descriptor, so a mount placed on ``name``
+    after it was examined is never entered (False: left in place). A name that is gone, or
+    that turned into a symlink or a file meanwhile, is handled here (True: removed).
     """
     try:
         fd = os.open(name, DIR_OPEN_FLAGS, dir_fd=dir_fd)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    if _foreign(os.fstat(fd), _mount_id(fd), home):
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        return _unlink(dir_fd, name, is_dir=False)  # swapped for a symlink or a file
+    try:
+        if _foreign(os.fstat(fd), _mount_id(fd), home):
+            _keep(name, "another filesystem is mounted there")
+            os.close(fd)
+            return False
+        return _Frame(fd, name, _names(fd))
+    except BaseException:
         os.close(fd)
-        _keep(name, "another filesystem is mounted there")
-        return None
-    return fd
+        raise
 
 
 def _unlink(dir_fd: int, name: bytes, *, is_dir: bool) -> bool:
@@ -242,9 +252,19 @@ def clean_workdir(work_fd: int, kept: list[bytes] | None = None) -> int:
     """Remove leftovers of interrupted copy-ups from ``work/``; returns how many.
 
     Entries that cannot be removed without crossing into another mount stay, logged with a
-    warning, and their names are appended to ``kept`` when given (the kernel's overlay also
-    leaves them, and then mounts read-only because it cannot recreate ``work/``).
+    warning, and their names are appended to ``kept`` when given; when ``work/`` is itself a
+    mount point, all of its entries stay. The kernel's overlay also leaves them, and then
+    mounts read-only because it cannot recreate ``work/``.
     """
+    parent = (os.stat(b"..", dir_fd=work_fd).st_dev, _mount_id(work_fd, b".."))
+    if _foreign(os.fstat(work_fd), _mount_id(work_fd), parent):
+        # work/ itself is a mount point: everything in it belongs to that other mount.
+        names = _names(work_fd)
+        if names:
+            _keep(b"work", "another filesystem is mounted on it; nothing in it is removed")
+        if kept is not None:
+            kept.extend(names)
+        return 0
     count = 0
     for child in _names(work_fd):
         if remove_tree_at(work_fd, child):
@@ -269,6 +289,9 @@ class Workdir:
         self.euid, self.egid = os.geteuid(), os.getegid()
         # Whiteouts are written as .wh.<name> files: the upper filesystem refuses mknod.
         self.oci_whiteouts = False
+        # False when work/ cannot be used (another mount in it or on it): the mount is then
+        # read-only, as the kernel's overlay is.
+        self.usable = True
 
     def open(self, workdir: str, read_only: bool) -> list[str]:
         """Lock the workdir and open its ``work/``, through the descriptor opened when the
@@ -277,7 +300,8 @@ class Workdir:
         unvalidated configuration (unit tests) opens the path now, never through a symlink.
 
         Returns warnings for the user. Raises UnionfsError when the workdir is in use by
-        another mount or not writable.
+        another mount or not writable; a ``work/`` that cannot be emptied leaves
+        :attr:`usable` False.
         """
         take = getattr(workdir, "take", None)
         wfd = take() if take is not None else open_dir_at(-1, workdir)
@@ -300,9 +324,20 @@ class Workdir:
         if work_st.st_mode & stat.S_ISGID:  # new files take the directory's group
             self.egid = work_st.st_gid
         self.upper_dev = work_st.st_dev
-        cleaned = clean_workdir(self.work_fd)
+        kept: list[bytes] = []
+        cleaned = clean_workdir(self.work_fd, kept)
         if cleaned:
             log.warning("removed %d leftover(s) of interrupted copy-ups from %s", cleaned, workdir)
+        if kept or mount_id(self.work_fd) != mount_id(wfd):
+            # Like the kernel: a work/ that cannot be emptied (another filesystem is mounted
+            # in it or on it) is left alone, and the mount is read-only.
+            os.close(self.work_fd)
+            self.work_fd = -1
+            self.usable = False
+            return [
+                f"workdir {workdir!r}: work/ cannot be emptied (another mount is in it or on "
+                "it): mounting read-only"
+            ]
         if not format.mknod_whiteouts_supported(self.work_fd):
             self.oci_whiteouts = True
             return ["the upper filesystem refuses mknod: whiteouts are written as .wh.<name> files"]
