@@ -62,6 +62,19 @@ def boundary(
     return handler
 
 
+_STATVFS_FIELDS = (
+    "f_bsize",
+    "f_frsize",
+    "f_blocks",
+    "f_bfree",
+    "f_bavail",
+    "f_files",
+    "f_ffree",
+    "f_favail",
+    "f_namemax",
+)
+
+
 def _is_ctx(obj: object) -> bool:
     return type(obj).__name__ == "RequestContext"
 
@@ -126,18 +139,11 @@ class Operations(pyfuse3.Operations):
         else:
             e.st_ino = attr.ino  # stock pyfuse3: the node id is all stat can show
         e.generation = 0
-        e.entry_timeout = self.timeout
-        e.attr_timeout = self.timeout
-        e.st_mode = st.st_mode
-        e.st_nlink = attr.nlink
-        e.st_uid = st.st_uid
-        e.st_gid = st.st_gid
-        e.st_rdev = st.st_rdev
-        e.st_size = st.st_size
-        e.st_blksize = st.st_blksize
+        e.entry_timeout = e.attr_timeout = self.timeout
+        e.st_mode, e.st_nlink, e.st_uid, e.st_gid = st.st_mode, attr.nlink, st.st_uid, st.st_gid
+        e.st_rdev, e.st_size, e.st_blksize = st.st_rdev, st.st_size, st.st_blksize
         e.st_blocks = st.st_blocks
-        e.st_atime_ns = st.st_atime_ns
-        e.st_mtime_ns = st.st_mtime_ns
+        e.st_atime_ns, e.st_mtime_ns = st.st_atime_ns, st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
@@ -241,15 +247,8 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = self.fs.statfs()
         out = pyfuse3.StatvfsData()
-        out.f_bsize = sv.f_bsize
-        out.f_frsize = sv.f_frsize
-        out.f_blocks = sv.f_blocks
-        out.f_bfree = sv.f_bfree
-        out.f_bavail = sv.f_bavail
-        out.f_files = sv.f_files
-        out.f_ffree = sv.f_ffree
-        out.f_favail = sv.f_favail
-        out.f_namemax = sv.f_namemax
+        for field in _STATVFS_FIELDS:
+            setattr(out, field, getattr(sv, field))
         return out
 
     # -- write path ---------------------------------------------------------------------

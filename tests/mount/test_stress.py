@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Union, write
-from tests.mount.test_semantics import kernel_mount, snapshot
+from tests.mount.semantics_common import kernel_mount, snapshot
 from unionfs.api import mounted
 
 pytestmark = pytest.mark.mount

@@ -140,17 +140,7 @@ def remove_tree_at(dir_fd: int, name: bytes) -> bool:
     left; a name that does not exist counts as removed.
     """
     home = (os.fstat(dir_fd).st_dev, _mount_id(dir_fd))
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        mnt = _mount_id(dir_fd, name)
-    except FileNotFoundError:
-        return True
-    if _foreign(st, mnt, home):
-        _keep(name, "another filesystem is mounted there")
-        return False
-    if not stat.S_ISDIR(st.st_mode):
-        return _unlink(dir_fd, name, is_dir=False)
-    top = _enter(dir_fd, name, home)
+    top = _step(dir_fd, name, home)
     if not isinstance(top, _Frame):
         return top
     stack = [top]
@@ -184,21 +174,30 @@ def _visit(frame: _Frame, child: bytes, home: tuple[int, int | None], stack: lis
 
     Returns False when ``child`` is left in place (another mount, or busy).
     """
-    try:
-        st = os.stat(child, dir_fd=frame.fd, follow_symlinks=False)
-        mnt = _mount_id(frame.fd, child)
-    except FileNotFoundError:
-        return True
-    if _foreign(st, mnt, home):
-        _keep(child, "another filesystem is mounted there")
-        return False
-    if not stat.S_ISDIR(st.st_mode):
-        return _unlink(frame.fd, child, is_dir=False)
-    entered = _enter(frame.fd, child, home)
+    entered = _step(frame.fd, child, home)
     if not isinstance(entered, _Frame):
         return entered
     stack.append(entered)
     return True
+
+
+def _step(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> _Frame | bool:
+    """Remove ``name`` in ``dir_fd`` if it is not a directory, else enter it.
+
+    Returns the frame of a directory of this mount to empty, True when ``name`` is gone,
+    False when it is left in place (another mount, or busy).
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        mnt = _mount_id(dir_fd, name)
+    except FileNotFoundError:
+        return True
+    if _foreign(st, mnt, home):
+        _keep(name, "another filesystem is mounted there")
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        return _unlink(dir_fd, name, is_dir=False)
+    return _enter(dir_fd, name, home)
 
 
 def _enter(dir_fd: int, name: bytes, home: tuple[int, int | None]) -> _Frame | bool:

@@ -68,9 +68,10 @@ def scan_dir(dir_fd: int) -> LayerDir:
     """Read the directory open as ``dir_fd`` as one layer sees it (see :class:`LayerDir`).
 
     The markers are read exactly as the mount reads them (:func:`unionfs.format.scan_layer_dir`,
-    the one reader): a ``.wh.<name>`` hides ``<name>`` -- even when ``<name>`` is itself a
-    marker name such as ``.wh.plnk``, which no layer can show anyway -- and the names that
-    hide nothing (``.wh.``, ``.wh..``, ``.wh...``) are neither whiteouts nor entries.
+    the one reader), silently: a ``.wh.<name>`` hides ``<name>``, and the names that hide
+    nothing (``.wh.``, ``.wh..``, ``.wh...``) are neither whiteouts nor entries. A marker
+    whose target is itself a marker name (``.wh..wh.plnk``, AUFS metadata) hides, for the
+    mount, a name that no layer can show: it is no change and is left out of ``whiteouts``.
     """
     result = LayerDir()
     opaque_value = format.opaque_value(dir_fd)
@@ -81,7 +82,7 @@ def scan_dir(dir_fd: int) -> LayerDir:
             names.append(name)
         elif name == format.OCI_OPAQUE_NAME:
             result.opaque = True
-        else:
+        elif not format.is_marker_name(name):
             result.whiteouts.add(name)
     for name in sorted(names):
         result.entries[name] = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
