@@ -21,9 +21,8 @@ from typing import Any
 
 from unionfs.cli.args import ArgumentParser
 from unionfs.errors import UnionfsError, UsageError
+from unionfs.fs.introspect import XATTR_EVENTS, XATTR_INSPECT, XATTR_LAYERS, XATTR_STATS
 from unionfs.layertools.layerscan import open_dir, walk_tree
-
-INSPECT = b"user.unionfs.inspect"
 
 
 def _xattr_json(path: str | bytes, name: bytes) -> Any:
@@ -40,10 +39,10 @@ def inspect_path(path: str) -> dict[str, Any]:
     """Ask the daemon about ``path`` (which may be deleted, a symlink or a device)."""
     parent, name = os.path.split(os.path.abspath(path))
     if not name:
-        return dict(_xattr_json(path, INSPECT))
+        return dict(_xattr_json(path, XATTR_INSPECT))
     if not os.path.isdir(parent):
         raise UnionfsError(f"{parent} is not a directory")
-    return dict(_xattr_json(parent, INSPECT + b":" + os.fsencode(name)))
+    return dict(_xattr_json(parent, XATTR_INSPECT + b":" + os.fsencode(name)))
 
 
 def _fmt_layer(layer: dict[str, Any] | None) -> str:
@@ -124,7 +123,7 @@ def cmd_layers(args: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("mountpoint")
     ns = parser.parse_args(args)
-    table = _xattr_json(ns.mountpoint, b"user.unionfs.layers")
+    table = _xattr_json(ns.mountpoint, XATTR_LAYERS)
     rows = []
     for layer in table:
         entries, size = _layer_usage(layer["dir"])
@@ -159,7 +158,7 @@ def cmd_stats(args: list[str]) -> int:
     parser.add_argument("--count", type=int, default=0, help="with --follow: stop after N events")
     parser.add_argument("mountpoint")
     ns = parser.parse_args(args)
-    snap = _xattr_json(ns.mountpoint, b"user.unionfs.stats")
+    snap = _xattr_json(ns.mountpoint, XATTR_STATS)
     if not ns.follow:
         if ns.json:
             print(json.dumps(snap, indent=2))
@@ -171,7 +170,7 @@ def cmd_stats(args: list[str]) -> int:
     shown = 0
     try:
         while True:
-            events = _xattr_json(ns.mountpoint, b"user.unionfs.events")
+            events = _xattr_json(ns.mountpoint, XATTR_EVENTS)
             for ev in events:
                 if ev["seq"] > seen:
                     seen = ev["seq"]

@@ -46,13 +46,14 @@ Make = Callable[[int, bytes], int | None]
 
 @contextlib.contextmanager
 def _umask(mask: int) -> Iterator[None]:
-    """The process umask set to ``mask`` for one creating system call (the daemon's own is
-    0, and requests are served one at a time on the trio thread)."""
-    os.umask(mask)
+    """The process umask set to ``mask`` for one creating system call, then put back (the
+    daemon's own is 0; requests are served one at a time on the trio thread). Put back, not
+    reset to 0: a process that drives the filesystem in-process keeps its own umask."""
+    previous = os.umask(mask)
     try:
         yield
     finally:
-        os.umask(0)
+        os.umask(previous)
 
 
 class DirOps:

@@ -7,7 +7,8 @@ The protocol, shared with the ``unionfs inspect|layers|stats`` commands:
   directory (which also works for deleted names, symlinks and devices) -- JSON;
 * ``user.unionfs.layers``, ``user.unionfs.stats`` and ``user.unionfs.events`` -- JSON.
 
-Setting any ``user.unionfs.*`` name through the mount is refused (:data:`PREFIX`).
+Setting any ``user.unionfs.*`` name through the mount is refused (:data:`PREFIX`). The
+commands import this module for the names alone, so it imports the filesystem lazily.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import errno
 import json
 import os
 import stat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unionfs import format
-from unionfs.fs import lookup
-from unionfs.fs.nodes import UPPER, Node
-from unionfs.fs.state import State, err
-from unionfs.layers import Layer
+from unionfs.fs.nodes import UPPER, Node, err
+
+if TYPE_CHECKING:
+    from unionfs.fs.state import State
+    from unionfs.layers import Layer
 
 PREFIX = b"user.unionfs."
 XATTR_INSPECT = b"user.unionfs.inspect"
@@ -80,6 +82,9 @@ def inspect(s: State, node: Node, child: bytes | None = None) -> dict[str, Any]:
         parent, name = node.parent, node.name
     else:
         parent, name = node, child
+    # Imported here: the commands read this module's names without the filesystem's.
+    from unionfs.fs import lookup
+
     layers = s.stack.layers
     found = lookup.resolve(s, parent, name)
     base = parent.path().rstrip(b"/") + b"/" + name

@@ -20,9 +20,8 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from unionfs.config import MountConfig
 from unionfs.fs import introspect, listing, lookup
 from unionfs.fs.attrs import AttrChange, Attrs
 from unionfs.fs.copy_up import Change, CopyUp
@@ -34,6 +33,9 @@ from unionfs.fs.state import Attr, Caller, State, err
 from unionfs.fs.workdir import Workdir
 from unionfs.layers import LayerStack
 from unionfs.stats import Stats
+
+if TYPE_CHECKING:
+    from unionfs.config import MountConfig
 
 __all__ = ["Attr", "AttrChange", "Caller", "Change", "Node", "Union"]
 
