@@ -236,7 +236,12 @@ class _Gen:
     def op_crosslink(self) -> None:
         """A hard link to a regular file of a layer below, under another (or the same) name
         in this layer: one inode shown under names from different layers of the stack."""
-        below = [f for f in self.lower_files if not f.is_relative_to(self.root)]
+        dev = os.stat(self.root).st_dev  # (a layer may be on another filesystem: tmpfs)
+        below = [
+            f
+            for f in self.lower_files
+            if not f.is_relative_to(self.root) and os.stat(f).st_dev == dev
+        ]
         path = self._target(0.3)
         if not below or path is None or not self._ensure_parent(path) or path in self.layer:
             return
