@@ -7,12 +7,10 @@ the options; each concern module (:mod:`~unionfs.fs.lookup`, :mod:`~unionfs.fs.l
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import errno
 import os
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -34,6 +32,23 @@ __all__ = ["UPPER", "Attr", "Caller", "DirHandle", "FileHandle", "Options", "Sta
 _touched: contextvars.ContextVar[list[Node] | None] = contextvars.ContextVar(
     "unionfs_touched", default=None
 )
+
+
+class Changing:
+    """See :meth:`State.changing`. A class rather than a generator: it wraps every change."""
+
+    __slots__ = ("touched", "token")
+
+    def __enter__(self) -> None:
+        self.touched: list[Node] = []
+        self.token = _touched.set(self.touched)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        _touched.reset(self.token)
+        if exc_type is not None:
+            for node in self.touched:
+                node.index = None
+                node.listings = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,22 +167,12 @@ class State:
             touched.extend(dirs)
 
     @staticmethod
-    @contextlib.contextmanager
-    def changing() -> Iterator[None]:
-        """The error boundary of one changing operation: if it fails half-way, the
-        in-memory listings (indexes) of the directories it touched are dropped, so no stale
-        index survives; they are rebuilt from the layers at their next use."""
-        touched: list[Node] = []
-        token = _touched.set(touched)
-        try:
-            yield
-        except BaseException:
-            for node in touched:
-                node.index = None
-                node.listings = None
-            raise
-        finally:
-            _touched.reset(token)
+    def changing() -> Changing:
+        """The error boundary of one changing operation (a context manager): if it fails
+        half-way, the in-memory listings (indexes) of the directories it touched are
+        dropped, so no stale index survives; they are rebuilt from the layers at their next
+        use."""
+        return Changing()
 
     def new_fh(self) -> int:
         fh = self._next_fh

@@ -136,6 +136,8 @@ class Union:
         """A file handle of ``ino``. A write access (or ``O_TRUNC``) copies the file up first
         (``O_TRUNC``: without its data); EISDIR, EROFS, ENXIO (device, fifo)."""
         node = self.s.node(ino)
+        if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
+            return await self.files.open(node, flags, caller)  # changes nothing
         with self.s.changing():
             return await self.files.open(node, flags, caller)
 
