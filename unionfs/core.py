@@ -599,6 +599,9 @@ class UnionCore:
             st = self.lstat_in(node, node.layer)
         except FileNotFoundError:
             raise _err(errno.ESTALE) from None
+        if node.parent is not None and (st.st_dev, st.st_ino) != node.obj:
+            # The name now holds another object: never report its attributes for this node.
+            raise _err(errno.ESTALE)
         return self._attr(node, st)
 
     def getattr(self, ino: int) -> Attr:
@@ -699,8 +702,12 @@ class UnionCore:
         return fh
 
     def pin(self, node: Node) -> None:
-        """Keep ``node``'s object reachable before its last name goes, if it is open."""
-        if node.opened and node.pinned < 0 and node.parent is not None:
+        """Keep ``node``'s object reachable before a name of it goes, while the kernel holds
+        the node (a lookup count, or an open file; an ``O_PATH`` descriptor of a client makes
+        no open request). Its attributes then come from the object itself, never from
+        whatever takes the name next (a whiteout, another file: a kernel inode whose type
+        changed is an EIO)."""
+        if (node.lookups > 0 or node.opened) and node.pinned < 0 and node.parent is not None:
             node.pinned = os.open(
                 node.name,
                 os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -736,9 +743,8 @@ class UnionCore:
             os.close(handle.fd)
         node = handle.node
         node.opened -= 1
-        if not node.opened and node.pinned >= 0:
-            os.close(node.pinned)
-            node.pinned = -1
+        if not node.opened and node.lookups <= 0:
+            self.table.unpin(node)
 
     # -- xattrs and statfs --------------------------------------------------------------
 

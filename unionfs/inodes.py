@@ -180,6 +180,8 @@ class NodeTable:
             node.lookups = 0
             del self.nodes[ino]
             self.close_fds(node)
+            if not node.opened:
+                self.unpin(node)
 
     # -- layer directory descriptors -----------------------------------------------------
 
@@ -234,10 +236,13 @@ class NodeTable:
             self._fd_lru.pop((id(node), layer), None)
             os.close(fd)
 
-    def close_fds(self, node: Node) -> None:
-        if node.pinned >= 0 and not node.opened:
+    def unpin(self, node: Node) -> None:
+        """Close the descriptor that kept ``node``'s removed object reachable, if any."""
+        if node.pinned >= 0:
             os.close(node.pinned)
             node.pinned = -1
+
+    def close_fds(self, node: Node) -> None:
         if node.fds:
             for layer, fd in node.fds.items():
                 self._fd_lru.pop((id(node), layer), None)
@@ -247,6 +252,7 @@ class NodeTable:
     def close(self) -> None:
         for node in list(self.nodes.values()):
             self.close_fds(node)
+            self.unpin(node)
         for _, node in list(self._fd_lru.items()):
             self.close_fds(node)
         self._fd_lru.clear()

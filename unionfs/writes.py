@@ -799,7 +799,11 @@ class UnionFS(UnionCore):
             target: bytes | int = self.stack[UPPER].root_fd
             pfd, name = -1, b""
         elif node.pinned >= 0:
-            # Every name is gone but a handle is open (fchmod, futimens ... on it).
+            # Its name is gone but the kernel still holds it (fchmod, futimens ... on an open
+            # file). Only a regular file or a directory is ever reopened: a device or a fifo
+            # of a layer is never opened by the daemon.
+            if not stat.S_ISREG(os.fstat(node.pinned).st_mode) and not node.is_dir:
+                raise _err(errno.ESTALE)
             own_fd = target = os.open(f"/proc/self/fd/{node.pinned}", os.O_RDONLY | os.O_CLOEXEC)
             pfd, name = -1, b""
         else:
@@ -953,8 +957,7 @@ class UnionFS(UnionCore):
 
     def _remove(self, parent: Node, name: bytes, node: Node, st: os.stat_result) -> None:
         """Remove ``name`` from the merged view, leaving a whiteout where a lower has it."""
-        if not node.is_dir:
-            self.pin(node)
+        self.pin(node)
         if node.layers[0] != UPPER:
             pfd = self.upper_dir_fd(parent)
             self._make_whiteout(pfd, name)
@@ -1045,7 +1048,7 @@ class UnionFS(UnionCore):
         # An empty merged or lower destination directory is simply replaced: the moved
         # directory is made opaque below, so nothing of the old one shows through.
         await self.copy_up(src)
-        if dst is not None and not dst.is_dir:
+        if dst is not None:
             self.pin(dst)
         old_pfd = self.upper_dir_fd(old_parent)
         new_pfd = self.upper_dir_fd(new_parent)
