@@ -408,6 +408,8 @@ class UnionCore:
         if not checked:
             layers, opened, listings = self._truncate_at_opaque(parent, name, layers)
             index.set(name, (is_dir, layers, True))
+            if is_dir and len(layers) > 1 and layers[0] == UPPER and self.stack.has_upper:
+                self.merged_dir_found(parent, name, layers, opened)
         top = layers[0]
         pfd = self.table.dir_fd(parent, top)
         try:
@@ -433,6 +435,14 @@ class UnionCore:
             node.drop_attr_cache()
         self.stats.count_lookup(top)
         return node, st
+
+    def merged_dir_found(
+        self, parent: Node, name: bytes, layers: tuple[int, ...], opened: dict[int, int]
+    ) -> None:
+        """Called the first time a directory merged from the upper and a lower is resolved
+        in ``parent`` (``opened`` holds the layer directories opened to check it). The write
+        side records its origin, as the kernel's lookup does; a read-only mount does nothing.
+        """
 
     def node_for(
         self,

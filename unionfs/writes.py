@@ -240,6 +240,32 @@ class UnionFS(UnionCore):
         self.stats.event("copy-up", path=node.path().decode(errors="replace"), size=0, type="dir")
         return self.table.dir_fd(node, UPPER)
 
+    def merged_dir_found(
+        self, parent: Node, name: bytes, layers: tuple[int, ...], opened: dict[int, int]
+    ) -> None:
+        """A merged directory whose upper part has no origin (made by mkdir in an upper, or by
+        a tool) gets its lower directory's, and its parent is marked impure: the kernel's
+        lookup does the same (``ovl_fix_origin``), so the upper stays the kernel's."""
+        if not self.writable or self.work_fd < 0:
+            return
+        upper_fd = opened.get(UPPER)
+        if upper_fd is None or whiteout.fd_getxattr(upper_fd, self.origin_xattr) is not None:
+            return
+        lower = layers[1]
+        lower_fd = opened.get(lower)
+        own = lower_fd is None
+        if lower_fd is None:
+            lower_fd = open_dir_at(self.table.dir_fd(parent, lower), name)
+        try:
+            origin = whiteout.encode_origin(lower_fd)
+        finally:
+            if own:
+                os.close(lower_fd)
+        if origin is None:
+            return
+        copyup.set_origin(upper_fd, self.origin_xattr, origin)
+        self._mark_impure(parent, self.table.dir_fd(parent, UPPER))
+
     def _mark_impure(self, parent: Node, pfd: int) -> None:
         """Mark ``parent``'s upper directory (open as ``pfd``) impure, as the kernel does."""
         if parent.ino in self._impure:
