@@ -374,3 +374,28 @@ def test_setxattr_create_and_replace_flags_after_a_copy_up(twin) -> None:
         return out, os.getxattr(f, "user.a")
 
     assert check(twin, fn) == "(['ENODATA', 'ok', 'EEXIST', 'ok'], b'3')"
+
+
+def test_lookup_of_a_merged_dir_records_its_origin_as_the_kernel(
+    union: Callable[[int], Union], tmp_path: Path
+) -> None:
+    """An upper directory that merges with a lower one but has no origin (made by a tool, or
+    by an earlier mount) gets one at lookup, and its parent is marked impure."""
+    u = union(1)
+    for layer in (u.lowers[0], u.upper):
+        (layer / "d" / "sub").mkdir(parents=True)
+    write(u.lowers[0] / "d" / "sub" / "f", "lower")
+    kroot = tmp_path / "kernel"
+    kroot.mkdir()
+    copy_tree(u.lowers[0], kroot / "l0")
+    copy_tree(u.upper, kroot / "upper")
+    (kroot / "work").mkdir()
+    with (
+        u.mount() as ours,
+        KernelOverlay().mount([kroot / "l0"], kroot / "upper", kroot / "work", kroot / "mnt") as k,
+    ):
+        for m in (Path(ours), k):
+            os.listdir(m / "d" / "sub")
+        assert not diff(snapshot(k), snapshot(ours))
+    assert not diff_upper(upper_snapshot(kroot / "upper"), upper_snapshot(u.upper))
+    assert os.getxattr(u.upper / "d", "trusted.overlay.origin")

@@ -60,7 +60,11 @@ class Attrs:
             target: bytes | int = s.stack[UPPER].root_fd
             pfd, name = -1, b""
         elif node.pinned >= 0:
-            # Every name is gone but a handle is open (fchmod, futimens ... on it).
+            # Its name is gone but the kernel still holds it (fchmod, futimens ... on an open
+            # file). Only a regular file or a directory is ever reopened: a device or a fifo
+            # of a layer is never opened by the daemon.
+            if not stat.S_ISREG(os.fstat(node.pinned).st_mode) and not node.is_dir:
+                raise err(errno.ESTALE)
             own_fd = target = fdops.reopen(node.pinned, os.O_RDONLY | os.O_CLOEXEC)
             pfd, name = -1, b""
         else:

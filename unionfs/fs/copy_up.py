@@ -125,6 +125,37 @@ class CopyUp:
         s.stats.event("copy-up", path=node.path().decode(errors="replace"), size=0, type="dir")
         return s.table.dir_fd(node, UPPER)
 
+    def fix_origin(
+        self, parent: Node, name: bytes, layers: tuple[int, ...], opened: dict[int, int]
+    ) -> None:
+        """A merged directory whose upper part has no origin (made by mkdir in an upper, or by
+        a tool) gets its lower directory's, and its parent is marked impure: the kernel's
+        lookup does the same (``ovl_fix_origin``), so the upper stays the kernel's.
+
+        Installed as :attr:`State.merged_dir_found`; ``opened`` holds the layer directories
+        opened when the chain was checked.
+        """
+        s = self.s
+        if not s.opts.writable or self.wd.work_fd < 0:
+            return
+        upper_fd = opened.get(UPPER)
+        if upper_fd is None or fdops.fd_getxattr(upper_fd, s.names.origin) is not None:
+            return
+        lower = layers[1]
+        lower_fd = opened.get(lower)
+        own = lower_fd is None
+        if lower_fd is None:
+            lower_fd = open_dir_at(s.table.dir_fd(parent, lower), name)
+        try:
+            origin = format.encode_origin(lower_fd)
+        finally:
+            if own:
+                os.close(lower_fd)
+        if origin is None:
+            return
+        format.set_origin(upper_fd, s.names.origin, origin)
+        self.mark_impure(parent, s.table.dir_fd(parent, UPPER))
+
     def mark_impure(self, parent: Node, pfd: int) -> None:
         """Mark ``parent``'s upper directory (open as ``pfd``) impure, as the kernel does."""
         if parent.ino in self._impure:

@@ -297,8 +297,7 @@ class DirOps:
         """Remove ``name`` from the merged view, leaving a whiteout where a lower has it."""
         s, wd = self.s, self.wd
         s.touch(parent)
-        if not node.is_dir:
-            s.table.pin(node)
+        s.table.pin(node)
         if node.layers[0] != UPPER:
             pfd = self.copier.upper_dir_fd(parent)
             self.make_whiteout(pfd, name)
@@ -394,7 +393,7 @@ class DirOps:
         # directory is made opaque below, so nothing of the old one shows through.
         await self.copier.copy_up(src)
         s.touch(old_parent, new_parent)
-        if dst is not None and not dst.is_dir:
+        if dst is not None:
             s.table.pin(dst)
         old_pfd = self.copier.upper_dir_fd(old_parent)
         new_pfd = self.copier.upper_dir_fd(new_parent)

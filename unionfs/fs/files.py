@@ -157,6 +157,5 @@ class Files:
             os.close(handle.fd)
         node = handle.node
         node.opened -= 1
-        if not node.opened and node.pinned >= 0:
-            os.close(node.pinned)
-            node.pinned = -1
+        if not node.opened and node.lookups <= 0:
+            self.s.table.unpin(node)

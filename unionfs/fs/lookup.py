@@ -137,6 +137,10 @@ def resolve(s: State, parent: Node, name: bytes) -> tuple[Node, os.stat_result] 
     if not checked:
         layers, opened, listings = truncate_at_opaque(s, parent, name, layers)
         index.set(name, (is_dir, layers, True))
+        found_hook = s.merged_dir_found
+        merged_with_upper = len(layers) > 1 and layers[0] == UPPER and s.stack.has_upper
+        if is_dir and merged_with_upper and found_hook is not None:
+            found_hook(parent, name, layers, opened)
     top = layers[0]
     table = s.table
     pfd = table.dir_fd(parent, top)
@@ -264,6 +268,9 @@ def attr(s: State, node: Node) -> Attr:
         st = s.table.lstat_in(node, node.layer)
     except FileNotFoundError:
         raise err(errno.ESTALE) from None
+    if node.parent is not None and (st.st_dev, st.st_ino) != node.obj:
+        # The name now holds another object: never report its attributes for this node.
+        raise err(errno.ESTALE)
     return attr_of(node, st)
 
 

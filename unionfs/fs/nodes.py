@@ -211,6 +211,8 @@ class NodeTable:
             node.lookups = 0
             del self.nodes[ino]
             self.close_fds(node)
+            if not node.opened:
+                self.unpin(node)
             self.aliases.pop(ino, None)
             if node.is_dir:
                 node.index = None
@@ -370,8 +372,12 @@ class NodeTable:
             os.close(path_fd)
 
     def pin(self, node: Node) -> None:
-        """Keep ``node``'s object reachable before its last name goes, if it is open."""
-        if node.opened and node.pinned < 0 and node.parent is not None:
+        """Keep ``node``'s object reachable before a name of it goes, while the kernel holds
+        the node (a lookup count, or an open file; an ``O_PATH`` descriptor of a client makes
+        no open request). Its attributes then come from the object itself, never from
+        whatever takes the name next (a whiteout, another file: a kernel inode whose type
+        changed is an EIO)."""
+        if (node.lookups > 0 or node.opened) and node.pinned < 0 and node.parent is not None:
             node.pinned = fdops.open_path(self.parent_fd(node, node.layer), node.name)
 
     # -- layer directory descriptors -----------------------------------------------------
@@ -427,10 +433,13 @@ class NodeTable:
             self._fd_lru.pop((id(node), layer), None)
             os.close(fd)
 
-    def close_fds(self, node: Node) -> None:
-        if node.pinned >= 0 and not node.opened:
+    def unpin(self, node: Node) -> None:
+        """Close the descriptor that kept ``node``'s removed object reachable, if any."""
+        if node.pinned >= 0:
             os.close(node.pinned)
             node.pinned = -1
+
+    def close_fds(self, node: Node) -> None:
         if node.fds:
             for layer, fd in node.fds.items():
                 self._fd_lru.pop((id(node), layer), None)
@@ -440,6 +449,7 @@ class NodeTable:
     def close(self) -> None:
         for node in list(self.nodes.values()):
             self.close_fds(node)
+            self.unpin(node)
         for _, node in list(self._fd_lru.items()):
             self.close_fds(node)
         self._fd_lru.clear()

@@ -11,6 +11,7 @@ import contextvars
 import dataclasses
 import errno
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -146,6 +147,12 @@ class State:
         self._next_fh = 1
         # Worker threads for slow work (big copy-ups, fsync).
         self.limiter = trio.CapacityLimiter(4)
+        # Called the first time a directory merged from the upper and a lower is resolved
+        # (parent, name, chain, the layer directories opened to check it): the copy-up side
+        # records its origin there, as the kernel's lookup does. None on a read-only mount.
+        self.merged_dir_found: (
+            Callable[[Node, bytes, tuple[int, ...], dict[int, int]], None] | None
+        ) = None
 
     @property
     def has_upper(self) -> bool:

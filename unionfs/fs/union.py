@@ -58,6 +58,7 @@ class Union:
         if not self.workdir.usable:
             s.opts = dataclasses.replace(s.opts, writable=False)
         self.copier = CopyUp(s, self.workdir)
+        s.merged_dir_found = self.copier.fix_origin
         self.dirops = DirOps(s, self.copier)
         self.attrs = Attrs(s, self.copier)
         self.files = Files(s, self.copier)
