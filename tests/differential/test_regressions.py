@@ -298,6 +298,40 @@ CASES: dict[str, tuple[Callable[[list[Path]], None], list[Op]]] = {
             Op("hreopen", arg=(1,)),
         ],
     ),
+    # A link set made through the mount, then the first name unlinked: the node was located
+    # by that name, and the other name gave ESTALE (fifo, symlink, file, copied-up file).
+    "link-then-unlink-the-first-name": (
+        _lower_file,
+        [
+            Op("mkfifo", "p"),
+            Op("link", "p", "p2"),
+            Op("unlink", "p"),
+            Op("chown", "p2", arg=(1000, 1000)),
+            Op("symlink", "s", arg="target"),
+            Op("link", "s", "s2"),
+            Op("unlink", "s"),
+            Op("utime", "s2", arg=(10**18, 10**18)),
+            Op("write", "n", arg=("trunc", b"new", 0)),
+            Op("link", "n", "n2"),
+            Op("unlink", "n"),
+            Op("truncate", "n2", arg=1),
+            Op("link", "f", "f2"),
+            Op("unlink", "f"),
+            Op("chmod", "f2", arg=0o600),
+            Op("read", "f2"),
+        ],
+    ),
+    # An O_RDONLY handle on a file copied up by fallocate, then the name unlinked: fstat ESTALE.
+    "handle-of-copied-up-file-after-unlink": (
+        _lower_file,
+        [
+            Op("fallocate", "f", arg=(0x10, 0, 12288)),
+            Op("open", "f", arg=(os.O_RDONLY | os.O_EXCL | os.O_NONBLOCK, 0)),
+            Op("unlink", "f"),
+            Op("hread", arg=(0, 100, 0)),
+            Op("hstat", arg=(0,)),
+        ],
+    ),
     "lower-hardlinks-copy-up": (
         _lower_links,
         [

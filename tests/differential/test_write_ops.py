@@ -317,12 +317,17 @@ class Stats:
     sequences: int = 0
     differing: Counter[str] = field(default_factory=Counter)
 
-    def dump(self, name: str) -> None:
+    def dump(self, name: str, failures: list[str]) -> None:
+        """Append the counts to ``$UNIONFS_DIFF_REPORT`` and every failure text to
+        ``$UNIONFS_DIFF_REPORT.txt`` (the test itself shows only the first three)."""
         path = os.environ.get("UNIONFS_DIFF_REPORT")
         if path:
             with open(path, "a", encoding="utf-8") as f:
                 rec = {"test": name, "sequences": self.sequences, "differing": self.differing}
                 f.write(json.dumps(rec) + "\n")
+            with open(path + ".txt", "a", encoding="utf-8") as f:
+                for text in failures:
+                    f.write(f"== {name}\n{text}\n")
 
 
 def run_phases(
@@ -454,7 +459,7 @@ def test_seeded_sequences(
         gen_options,
         diff_options,
     )
-    stats.dump(f"pair{pair_index}")
+    stats.dump(f"pair{pair_index}", failures)
     cats = ", ".join(f"{k}: {v}" for k, v in sorted(stats.differing.items()))
     _report(backend, failures, f"{len(failures)} of {per_pair} sequences differ ({cats})")
 
