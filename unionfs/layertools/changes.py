@@ -218,19 +218,20 @@ def _walk(upper_fd: int, lowers: LowerView, out: dict[LayerPath, str]) -> None:
     try:
         while stack:
             top = stack[-1]
-            if not top.subdirs:
-                stack.pop()
-                if top.path:
-                    os.close(top.fd)
-                    lowers.release(top.path)
+            if top.subdirs:
+                name, whited_out, exists_below = top.subdirs.pop()
+                child = top.path + (name,)
+                child_fd = open_dir(name, top.fd)
+                stack.append(_Pending(child_fd, child, []))  # pushed first: always closed
+                opaque, stack[-1].subdirs = _record(child_fd, child, lowers, out, whited_out)
+                if opaque and exists_below:
+                    out[child] = CHANGED
                 continue
-            name, whited_out, exists_below = top.subdirs.pop()
-            child = top.path + (name,)
-            child_fd = open_dir(name, top.fd)
-            stack.append(_Pending(child_fd, child, []))  # pushed first: always closed
-            opaque, stack[-1].subdirs = _record(child_fd, child, lowers, out, whited_out)
-            if opaque and exists_below:
-                out[child] = CHANGED
+            # Every subdirectory of this one is done: it is released, with its lowers.
+            stack.pop()
+            if top.path:
+                os.close(top.fd)
+                lowers.release(top.path)
     finally:
         for pending in stack:
             if pending.path:
