@@ -428,10 +428,12 @@ class UnionCore:
                 self.table.adopt(node, layer, fd)
         if listings and node.index is None:
             node.listings = listings
-        if top != UPPER or not self.stack.has_upper:
+        if (top != UPPER or not self.stack.has_upper) and (is_dir or st.st_nlink == 1):
             node.immutable = True
             index.known[name] = node
         else:
+            # An upper object changes; so may a lower file with more links, one of which can
+            # be an upper name of the same inode (layer stores made with `cp -al`).
             node.drop_attr_cache()
         self.stats.count_lookup(top)
         return node, st
@@ -483,6 +485,11 @@ class UnionCore:
         if not is_dir and not lower and st.st_nlink > 1:
             self._note_alias(node, parent, name)
         return node
+
+    def has_origin(self, node: Node) -> bool:
+        """Whether ``node`` is a non-directory shown with a lower origin's number (an origin
+        written by a copy-up, or one its lookup decoded and accepted)."""
+        return not node.is_dir and node.st_ino != self.stack.natural_ino(*node.obj)
 
     def moved_up(self, node: Node, st: os.stat_result, origin: bool) -> None:
         """``node`` now lives in the upper as the object ``st`` (a copy-up).
@@ -603,16 +610,25 @@ class UnionCore:
         return Attr(node.ino, st, nlink, node.st_ino)
 
     def attr(self, node: Node) -> Attr:
-        if node.pinned >= 0:
-            return self._attr(node, os.fstat(node.pinned))
         try:
             st = self.lstat_in(node, node.layer)
         except FileNotFoundError:
-            raise _err(errno.ESTALE) from None
-        if node.parent is not None and (st.st_dev, st.st_ino) != node.obj:
-            # The name now holds another object: never report its attributes for this node.
-            raise _err(errno.ESTALE)
+            st = None
+        if st is None or (node.parent is not None and (st.st_dev, st.st_ino) != node.obj):
+            # The name now holds nothing or another object: never report that for this node.
+            # A node whose last name went while the kernel held it answers from its object.
+            if node.pinned < 0:
+                raise _err(errno.ESTALE)
+            st = os.fstat(node.pinned)
         return self._attr(node, st)
+
+    def _named(self, node: Node) -> bool:
+        """Whether ``node``'s current name still holds its own object."""
+        try:
+            st = self.lstat_in(node, node.layer)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == node.obj
 
     def getattr(self, ino: int) -> Attr:
         return self.attr(self.node(ino))

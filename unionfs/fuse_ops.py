@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import logging
+import stat
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -133,7 +134,9 @@ class Operations(pyfuse3.Operations):
             e.st_ino = attr.ino  # stock pyfuse3: the node id is all stat can show
         e.generation = 0
         e.entry_timeout = self.timeout
-        e.attr_timeout = self.timeout
+        # A file with several links may change through a name the kernel holds as another
+        # inode (the names of a lower hard link, one of them in the upper): no attribute cache.
+        e.attr_timeout = 0 if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else self.timeout
         e.st_mode = st.st_mode
         e.st_nlink = attr.nlink
         e.st_uid = st.st_uid

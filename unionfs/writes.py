@@ -713,7 +713,7 @@ class UnionFS(UnionCore):
         )
         new_parent = self.node(new_parent_ino)
         # A link to an object with an origin makes its parent impure (same dir or not).
-        self._mark_moved_in(node.parent, new_parent, self.upper_dir_fd(new_parent), new_name, True)
+        self._mark_moved_in(node, node.parent, new_parent, self.upper_dir_fd(new_parent), True)
         return self._attr(linked, st)
 
     # -- opening and writing ------------------------------------------------------------
@@ -824,7 +824,7 @@ class UnionFS(UnionCore):
         if node.parent is None:
             target: bytes | int = self.stack[UPPER].root_fd
             pfd, name = -1, b""
-        elif node.pinned >= 0:
+        elif node.pinned >= 0 and not self._named(node):
             # Its name is gone but the kernel still holds it (fchmod, futimens ... on an open
             # file). Only a regular file or a directory is ever reopened: a device or a fifo
             # of a layer is never opened by the daemon.
@@ -1103,7 +1103,7 @@ class UnionFS(UnionCore):
             self._replace(old_pfd, old_name, new_pfd, new_name, dst)
         if drop_marker:
             os.unlink(whiteout.OCI_WHITEOUT_PREFIX + new_name, dir_fd=new_pfd)
-        self._mark_moved_in(old_parent, new_parent, new_pfd, new_name)
+        self._mark_moved_in(src, old_parent, new_parent, new_pfd)
         if dst is not None:
             # Only an object whose last name went away can have its number reused.
             dst.removed = dst.layers[0] == UPPER and (dst.is_dir or dst_links <= 1)
@@ -1117,13 +1117,12 @@ class UnionFS(UnionCore):
         self.move_alias(src, old_parent, old_name, new_parent, new_name)
 
     def _mark_moved_in(
-        self, source: Node, into: Node, pfd: int, name: bytes, linked: bool = False
+        self, moved: Node, source: Node, into: Node, pfd: int, linked: bool = False
     ) -> None:
-        """After ``name`` moved (or was ``linked``) from ``source`` into ``into`` (upper dir
-        ``pfd``): an object with an origin makes its new parent impure, as in the kernel."""
-        if (linked or source is not into) and whiteout.getxattr_at(
-            pfd, name, self.origin_xattr
-        ) is not None:
+        """After ``moved`` went (or was ``linked``) from ``source`` into ``into`` (upper dir
+        ``pfd``): an object with a valid origin makes its new parent impure, as in the
+        kernel (``ovl_type_origin``: an origin the lookup accepted, not any xattr)."""
+        if (linked or source is not into) and self.has_origin(moved):
             self._mark_impure(into, pfd)
 
     def _make_opaque(self, node: Node) -> None:
@@ -1193,8 +1192,8 @@ class UnionFS(UnionCore):
             if node.is_dir and into.layers != (UPPER,):
                 self._make_opaque(node)
         renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
-        self._mark_moved_in(old_parent, new_parent, new_pfd, new_name)
-        self._mark_moved_in(new_parent, old_parent, old_pfd, old_name)
+        self._mark_moved_in(src, old_parent, new_parent, new_pfd)
+        self._mark_moved_in(dst, new_parent, old_parent, old_pfd)
         self._index_set(old_parent, old_name, dst.is_dir, (UPPER,))
         self._index_set(new_parent, new_name, src.is_dir, (UPPER,))
         self.move_alias(src, old_parent, old_name, new_parent, new_name)
