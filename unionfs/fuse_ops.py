@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import stat
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -139,7 +140,10 @@ class Operations(pyfuse3.Operations):
         else:
             e.st_ino = attr.ino  # stock pyfuse3: the node id is all stat can show
         e.generation = 0
-        e.entry_timeout = e.attr_timeout = self.timeout
+        e.entry_timeout = self.timeout
+        # A file with several links may change through a name the kernel holds as another
+        # inode (the names of a lower hard link, one of them in the upper): no attribute cache.
+        e.attr_timeout = 0 if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else self.timeout
         e.st_mode, e.st_nlink, e.st_uid, e.st_gid = st.st_mode, attr.nlink, st.st_uid, st.st_gid
         e.st_rdev, e.st_size, e.st_blksize = st.st_rdev, st.st_size, st.st_blksize
         e.st_blocks = st.st_blocks

@@ -25,6 +25,8 @@ import pytest
 
 from tests.oracle.backends import Backend, KernelOverlay, copy_tree, daemon_tracebacks
 from tests.oracle.ops import (
+    FALLOC_FL_COLLAPSE_RANGE,
+    FALLOC_FL_INSERT_RANGE,
     FALLOC_MODES,
     NAME_255,
     NAME_256,
@@ -240,6 +242,10 @@ def _names_ops() -> list[Op]:
     return ops
 
 
+FUSE_FALLOC_MODES = tuple(
+    m for m in FALLOC_MODES if not m & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE)
+)
+
 CASES: dict[str, tuple[Callable[[list[Path]], None], list[Op]]] = {
     "unlinked-handle-rdwr": (_lower_file, _handle_unlinked(os.O_RDWR)),
     "unlinked-handle-rdonly": (_lower_file, _handle_unlinked(os.O_RDONLY)),
@@ -407,18 +413,20 @@ CASES: dict[str, tuple[Callable[[list[Path]], None], list[Op]]] = {
             Op("rename_exchange", "w/r2", "t/mine2", caller=U1000),
         ],
     ),
+    # The modes FUSE forwards; collapse/insert-range are a documented difference, refused
+    # by the kernel's FUSE module itself (test_collapse_and_insert_range_are_refused_by_fuse).
     "fallocate-modes": (
         _lower_file,
         [
             op
-            for i, mode in enumerate(FALLOC_MODES)
+            for i, mode in enumerate(FUSE_FALLOC_MODES)
             for op in (
                 Op("fallocate", "f", arg=(mode, 4096 * (i % 2), 4096)),
                 Op("read", "f"),
             )
         ]
         + [Op("open", "g", arg=(os.O_RDWR, 0))]
-        + [Op("hfalloc", arg=(0, mode, 0, 4096)) for mode in FALLOC_MODES]
+        + [Op("hfalloc", arg=(0, mode, 0, 4096)) for mode in FUSE_FALLOC_MODES]
         + [Op("fallocate", "g", arg=(0, 0, 8192), caller=U1000)],
     ),
     "mknod-whiteout-refused": (
@@ -440,7 +448,6 @@ CASES: dict[str, tuple[Callable[[list[Path]], None], list[Op]]] = {
             Op("getxattr", "f", arg="trusted.overlay.foo"),
             Op("setxattr", "g", arg=("trusted.overlay.opaque", b"y", 0)),
             Op("setxattr", "g", arg=("trusted.overlay.overlay.bar", b"2", 0)),
-            Op("setxattr", "g", arg=("user.overlay.opaque", b"y", 0)),
             Op("setxattr", "g", arg=("user.plain", b"3", 0)),
             Op("setxattr", "g", arg=("trusted.plain", b"4", 0)),
             Op("setxattr", "g", arg=("security.plain", b"5", 0)),

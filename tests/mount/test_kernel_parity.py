@@ -399,3 +399,26 @@ def test_lookup_of_a_merged_dir_records_its_origin_as_the_kernel(
         assert not diff(snapshot(k), snapshot(ours))
     assert not diff_upper(upper_snapshot(kroot / "upper"), upper_snapshot(u.upper))
     assert os.getxattr(u.upper / "d", "trusted.overlay.origin")
+
+
+def test_o_tmpfile_is_a_documented_difference(twin) -> None:
+    """The kernel's overlay supports O_TMPFILE; no FUSE file system built on pyfuse3 and
+    Debian 12's libfuse 3.14 can (no tmpfile operation), and the kernel answers EOPNOTSUPP."""
+    ours, theirs, _, _ = twin
+    flags = os.O_TMPFILE | os.O_RDWR
+    assert errname(lambda: os.close(os.open(theirs / "d", flags, 0o600))) == "ok"
+    assert (
+        errname(lambda: os.close(os.open(ours / "d", flags, 0o600)))
+        == errno.errorcode[errno.EOPNOTSUPP]
+    )
+
+
+def test_user_overlay_xattrs_are_refused_on_a_trusted_mount(twin) -> None:
+    """A documented difference: unionfs reads opaque and whiteout markers of both overlay
+    namespaces in every layer (for layers from rootless tools), so it refuses to store
+    user.overlay.* through a trusted-mode mount, where the kernel stores it as a plain xattr."""
+    ours, theirs, u, _ = twin
+    assert errname(lambda: os.setxattr(theirs / "d", "user.overlay.opaque", b"y")) == "ok"
+    assert errname(lambda: os.setxattr(ours / "d", "user.overlay.opaque", b"y")) == "EPERM"
+    upper_d = u.upper / "d"
+    assert not upper_d.exists() or "user.overlay.opaque" not in os.listxattr(upper_d)

@@ -59,7 +59,7 @@ class Attrs:
         if node.parent is None:
             target: bytes | int = s.stack[UPPER].root_fd
             pfd, name = -1, b""
-        elif node.pinned >= 0:
+        elif node.pinned >= 0 and not s.table.named(node):
             # Its name is gone but the kernel still holds it (fchmod, futimens ... on an open
             # file). Only a regular file or a directory is ever reopened: a device or a fifo
             # of a layer is never opened by the daemon.

@@ -265,7 +265,7 @@ class DirOps:
         new_parent = self.s.node(new_parent_ino)
         # A link to an object with an origin makes its parent impure (same dir or not).
         new_pfd = self.copier.upper_dir_fd(new_parent)
-        self.mark_moved_in(node.parent, new_parent, new_pfd, new_name, True)
+        self.mark_moved_in(node, node.parent, new_parent, new_pfd, True)
         return st
 
     # -- removing names -----------------------------------------------------------------
@@ -424,7 +424,7 @@ class DirOps:
             self._replace(old_pfd, old_name, new_pfd, new_name, dst)
         if drop_marker:
             os.unlink(format.OCI_WHITEOUT_PREFIX + new_name, dir_fd=new_pfd)
-        self.mark_moved_in(old_parent, new_parent, new_pfd, new_name)
+        self.mark_moved_in(src, old_parent, new_parent, new_pfd)
         if dst is not None:
             # Only an object whose last name went away can have its number reused.
             dst.removed = dst.layers[0] == UPPER and (dst.is_dir or dst_links <= 1)
@@ -438,13 +438,12 @@ class DirOps:
         s.table.move_alias(src, old_parent, old_name, new_parent, new_name)
 
     def mark_moved_in(
-        self, source: Node, into: Node, pfd: int, name: bytes, linked: bool = False
+        self, moved: Node, source: Node, into: Node, pfd: int, linked: bool = False
     ) -> None:
-        """After ``name`` moved (or was ``linked``) from ``source`` into ``into`` (upper dir
-        ``pfd``): an object with an origin makes its new parent impure, as in the kernel."""
-        if (linked or source is not into) and fdops.getxattr_at(
-            pfd, name, self.s.names.origin
-        ) is not None:
+        """After ``moved`` went (or was ``linked``) from ``source`` into ``into`` (upper dir
+        ``pfd``): an object with a valid origin makes its new parent impure, as in the
+        kernel (``ovl_type_origin``: an origin the lookup accepted, not any xattr)."""
+        if (linked or source is not into) and self.s.table.has_origin(moved):
             self.copier.mark_impure(into, pfd)
 
     def _replace(
@@ -511,8 +510,8 @@ class DirOps:
             if node.is_dir and into.layers != (UPPER,):
                 self.make_opaque(node)
         renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
-        self.mark_moved_in(old_parent, new_parent, new_pfd, new_name)
-        self.mark_moved_in(new_parent, old_parent, old_pfd, old_name)
+        self.mark_moved_in(src, old_parent, new_parent, new_pfd)
+        self.mark_moved_in(dst, new_parent, old_parent, old_pfd)
         index_set(old_parent, old_name, dst.is_dir, (UPPER,))
         index_set(new_parent, new_name, src.is_dir, (UPPER,))
         s.table.move_alias(src, old_parent, old_name, new_parent, new_name)

@@ -161,10 +161,12 @@ def resolve(s: State, parent: Node, name: bytes) -> tuple[Node, os.stat_result] 
             table.adopt(node, layer, fd)
     if listings and node.index is None:
         node.listings = listings
-    if not upper:
+    if not upper and (is_dir or st.st_nlink == 1):
         node.immutable = True
         index.known[name] = node
     else:
+        # An upper object changes; so may a lower file with more links, one of which can be
+        # an upper name of the same inode (layer stores made with `cp -al`).
         table.attrs_changed(node)
     s.stats.lookups_per_layer[top] += 1
     return node, st
@@ -262,15 +264,16 @@ def attr_of(node: Node, st: os.stat_result) -> Attr:
 
 def attr(s: State, node: Node) -> Attr:
     """The attributes of ``node`` now (ESTALE when its object is gone)."""
-    if node.pinned >= 0:
-        return attr_of(node, os.fstat(node.pinned))
     try:
-        st = s.table.lstat_in(node, node.layer)
+        st: os.stat_result | None = s.table.lstat_in(node, node.layer)
     except FileNotFoundError:
-        raise err(errno.ESTALE) from None
-    if node.parent is not None and (st.st_dev, st.st_ino) != node.obj:
-        # The name now holds another object: never report its attributes for this node.
-        raise err(errno.ESTALE)
+        st = None
+    if st is None or (node.parent is not None and (st.st_dev, st.st_ino) != node.obj):
+        # The name now holds nothing or another object: never report that for this node.
+        # A node whose last name went while the kernel held it answers from its object.
+        if node.pinned < 0:
+            raise err(errno.ESTALE)
+        st = os.fstat(node.pinned)
     return attr_of(node, st)
 
 

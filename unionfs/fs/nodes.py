@@ -267,6 +267,19 @@ class NodeTable:
             self.note_alias(node, parent, name)
         return node
 
+    def has_origin(self, node: Node) -> bool:
+        """Whether ``node`` is a non-directory shown with a lower origin's number (an origin
+        written by a copy-up, or one its lookup decoded and accepted)."""
+        return not node.is_dir and node.st_ino != self.stack.natural_ino(*node.obj)
+
+    def named(self, node: Node) -> bool:
+        """Whether ``node``'s current name still holds its own object."""
+        try:
+            st = self.lstat_in(node, node.layer)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == node.obj
+
     def moved_up(self, node: Node, st: os.stat_result, origin: bool) -> None:
         """``node`` now lives in the upper as the object ``st`` (a copy-up).
 
