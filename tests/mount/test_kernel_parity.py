@@ -422,3 +422,27 @@ def test_user_overlay_xattrs_are_refused_on_a_trusted_mount(twin) -> None:
     assert errname(lambda: os.setxattr(ours / "d", "user.overlay.opaque", b"y")) == "EPERM"
     upper_d = u.upper / "d"
     assert not upper_d.exists() or "user.overlay.opaque" not in os.listxattr(upper_d)
+
+
+def test_listing_drops_a_stale_impure_mark_as_the_kernel(twin) -> None:
+    """A pure upper directory is marked impure when a file with an origin moves in; listing
+    it keeps the mark while such an entry is there and drops it once none is (the kernel's
+    readdir: ``ovl_cache_get_impure``)."""
+    ours, theirs, u, kupper = twin
+
+    def impure(upper: Path) -> bool:
+        return "trusted.overlay.impure" in os.listxattr(upper / "pure")
+
+    states = []
+    for m, upper in ((theirs, kupper), (ours, u.upper)):
+        os.mkdir(m / "pure")
+        os.rename(m / "d" / "a", m / "pure" / "a")
+        os.listdir(m / "pure")
+        kept = impure(upper)
+        os.unlink(m / "pure" / "a")
+        stale = impure(upper)
+        os.listdir(m / "pure")
+        states.append((kept, stale, impure(upper)))
+    assert states[0] == (True, True, False)  # the oracle
+    assert states[1] == states[0]
+    assert not diff_upper(upper_snapshot(kupper), upper_snapshot(u.upper))

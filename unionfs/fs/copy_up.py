@@ -15,6 +15,7 @@ cached attributes become wrong, it emits an event (:mod:`unionfs.fs.events`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -25,6 +26,7 @@ import trio
 
 from unionfs import fdops, format
 from unionfs.fdops import RENAME_NOREPLACE, open_dir_at, renameat2
+from unionfs.fs import lookup
 from unionfs.fs import workdir as work
 from unionfs.fs.listing import index_set
 from unionfs.fs.nodes import UPPER, Node
@@ -162,6 +164,34 @@ class CopyUp:
             return
         format.mark_impure(pfd, self.s.names.impure)
         self._impure.add(parent.ino)
+
+    def drop_stale_impure(self, node: Node, names: list[bytes]) -> None:
+        """Drop the impure mark of a pure upper directory none of whose entries has an
+        origin, as the kernel's readdir does (``ovl_cache_get_impure``: "a good opportunity
+        to get rid of an unneeded impure flag", best effort).
+
+        Installed as :attr:`State.dir_listed`. The kernel takes that path only for a
+        directory it lists as a real one (``ovl_dir_is_real``): one with a lower part, or
+        with an origin xattr of its own, is listed as merged and keeps its mark. An entry
+        keeps the mark when its lookup accepted its origin (``OVL_TYPE_ORIGIN`` in
+        ``ovl_cache_update``), which :meth:`NodeTable.has_origin` tells.
+        """
+        s = self.s
+        if not s.opts.writable or self.wd.work_fd < 0 or node.layers != (UPPER,):
+            return
+        fd = s.table.dir_fd(node, UPPER)
+        if fdops.fd_getxattr(fd, s.names.impure) is None:
+            self._impure.discard(node.ino)
+            return
+        if fdops.fd_getxattr(fd, s.names.origin) is not None:
+            return
+        for name in names:
+            found = lookup.resolve(s, node, name)
+            if found is not None and s.table.has_origin(found[0]):
+                return
+        self._impure.discard(node.ino)
+        with contextlib.suppress(OSError):
+            os.removexattr(fd, s.names.impure)
 
     def copy_meta(self, src: int, dst: int, st: os.stat_result, change: Change = NO_CHANGE) -> None:
         """Owner, mode, xattrs, origin and times from ``src`` to ``dst`` (both open fds)."""

@@ -191,6 +191,8 @@ def dir_names(s: State, handle: DirHandle) -> list[bytes]:
     names = handle.names
     if names is None:
         names = handle.names = index_of(s, handle.node).names()
+        if s.dir_listed is not None:
+            s.dir_listed(handle.node, names)
     return names
 
 

@@ -153,6 +153,10 @@ class State:
         self.merged_dir_found: (
             Callable[[Node, bytes, tuple[int, ...], dict[int, int]], None] | None
         ) = None
+        # Called at the first read of a directory handle (the directory, the names it lists):
+        # the copy-up side drops a stale impure mark there, as the kernel's readdir does.
+        # None on a read-only mount.
+        self.dir_listed: Callable[[Node, list[bytes]], None] | None = None
 
     @property
     def has_upper(self) -> bool:

@@ -59,6 +59,7 @@ class Union:
             s.opts = dataclasses.replace(s.opts, writable=False)
         self.copier = CopyUp(s, self.workdir)
         s.merged_dir_found = self.copier.fix_origin
+        s.dir_listed = self.copier.drop_stale_impure
         self.dirops = DirOps(s, self.copier)
         self.attrs = Attrs(s, self.copier)
         self.files = Files(s, self.copier)
