@@ -17,6 +17,7 @@ import os
 import re
 import resource
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,40 @@ from unionfs.errors import UnionfsError
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = Path(os.environ.get("UNIONFS_STATE_DIR", "/run/unionfs/mounts"))
+
+def default_state_dir() -> Path:
+    """Where mount records and background logs live: ``/run/unionfs/mounts`` for root, and
+    for any other user a directory of their own (``$XDG_RUNTIME_DIR/unionfs/mounts``, else
+    ``/tmp/unionfs-UID/mounts``), so that root's directory never stops a user's mount."""
+    env = os.environ.get("UNIONFS_STATE_DIR")
+    if env:
+        return Path(env)
+    uid = os.geteuid()
+    if uid == 0:
+        return Path("/run/unionfs/mounts")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        try:
+            st = os.stat(runtime)
+            if st.st_uid == uid and not st.st_mode & 0o022:
+                return Path(runtime) / "unionfs" / "mounts"
+        except OSError:
+            pass
+    return Path(f"/tmp/unionfs-{uid}") / "mounts"
+
+
+STATE_DIR = default_state_dir()
+
+
+def private_dir(path: Path) -> bool:
+    """Create ``path`` (and parents) for this user only; False when it exists but is not a
+    directory of this user's that nobody else can write (then it is not used)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def state_file(mountpoint: str) -> Path:
@@ -187,7 +221,8 @@ def serve(cfg: MountConfig, ready_fd: int = -1, warnings: Sequence[str] = ()) ->
 def _write_state(record: Path, cfg: MountConfig) -> None:
     """Record the daemon's pid and layers for ``unionfs umount`` (a warning if it cannot)."""
     try:
-        record.parent.mkdir(parents=True, exist_ok=True)
+        if not private_dir(record.parent):
+            raise OSError(f"{record.parent} is not a private directory of this user")
         record.write_text(
             json.dumps(
                 {
@@ -235,6 +270,8 @@ def _set_readahead(cfg: MountConfig) -> None:
     """Widen the mount's readahead window, so a sequential read takes fewer requests."""
     if not cfg.readahead_kb:
         return
+    if os.geteuid() != 0:
+        return  # the bdi's sysfs file is root's: a user's mount keeps the kernel's window
     try:
         dev = _mount_device(cfg.mountpoint)
         if dev is None:
@@ -267,7 +304,15 @@ def daemonize_and_serve(
         os.dup2(devnull, 0)
         out = devnull
         if log_file:
-            out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                out = os.open(
+                    log_file,
+                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+            except OSError:
+                # An unopenable log never stops a mount: the daemon then logs nowhere.
+                log_file = None
         os.dup2(out, 1)
         os.dup2(out, 2)
         code = 1

@@ -253,6 +253,23 @@ def mark_opaque(fd: int, attr: bytes = OPAQUE_XATTRS[0]) -> None:
     os.setxattr(fd, attr, OPAQUE_YES)
 
 
+def trusted_xattrs_supported(dir_fd: int) -> bool:
+    """Probe whether ``trusted.overlay.*`` can be written in the directory ``dir_fd``."""
+    probe = b".unionfs-xattr-probe-%d" % os.getpid()
+    os.mkdir(probe, 0o700, dir_fd=dir_fd)
+    try:
+        fd = os.open(probe, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        try:
+            os.setxattr(fd, OPAQUE_XATTRS[0], OPAQUE_YES)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+    finally:
+        os.rmdir(probe, dir_fd=dir_fd)
+
+
 def mknod_whiteouts_supported(dir_fd: int) -> bool:
     """Probe whether char 0/0 whiteouts can be created in the directory ``dir_fd``."""
     probe = b".unionfs-whiteout-probe-%d" % os.getpid()

@@ -114,11 +114,7 @@ def mount(args: list[str]) -> int:
     if log_file is None:
         # A background daemon's warnings and tracebacks go beside its state record.
         record = lifecycle.state_file(cfg.mountpoint)
-        try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            log_file = str(record.with_suffix(".log"))
-        except OSError:
-            log_file = None
+        log_file = str(record.with_suffix(".log")) if lifecycle.private_dir(record.parent) else None
     return lifecycle.daemonize_and_serve(cfg, log_file, warnings)
 
 

@@ -158,6 +158,13 @@ class State:
         # None on a read-only mount.
         self.dir_listed: Callable[[Node, list[bytes]], None] | None = None
 
+    def use_userxattr(self) -> None:
+        """Write markers in the ``user.overlay.*`` namespace (the kernel's ``userxattr``
+        mode): the upper refuses ``trusted.*``. Called once, before any request."""
+        self.opts = dataclasses.replace(self.opts, userxattr=True)
+        self.names = format.XattrNames.for_mode(True)
+        self.origins = Origins(self.table, self.names)
+
     @property
     def has_upper(self) -> bool:
         return self.stack.has_upper

@@ -57,6 +57,8 @@ class Union:
         self.warnings: tuple[str, ...] = tuple(warnings)
         if not self.workdir.usable:
             s.opts = dataclasses.replace(s.opts, writable=False)
+        if self.workdir.trusted_refused and not s.opts.userxattr:
+            s.use_userxattr()
         self.copier = CopyUp(s, self.workdir)
         s.merged_dir_found = self.copier.fix_origin
         s.dir_listed = self.copier.drop_stale_impure

@@ -291,6 +291,10 @@ class Workdir:
         # False when work/ cannot be used (another mount in it or on it): the mount is then
         # read-only, as the kernel's overlay is.
         self.usable = True
+        # True when the upper refuses trusted.* xattrs (no CAP_SYS_ADMIN in the initial
+        # namespace: an unprivileged user, a user namespace): markers are then written in the
+        # user.overlay.* namespace, as the kernel's ``userxattr`` mode does.
+        self.trusted_refused = False
 
     def open(self, workdir: str, read_only: bool) -> list[str]:
         """Lock the workdir and open its ``work/``, through the descriptor opened when the
@@ -337,10 +341,19 @@ class Workdir:
                 f"workdir {workdir!r}: work/ cannot be emptied (another mount is in it or on "
                 "it): mounting read-only"
             ]
+        warnings = []
+        if not format.trusted_xattrs_supported(self.work_fd):
+            self.trusted_refused = True
+            warnings.append(
+                "the upper filesystem refuses trusted.* xattrs (no CAP_SYS_ADMIN): markers are "
+                "written as user.overlay.* (the kernel's userxattr mode)"
+            )
         if not format.mknod_whiteouts_supported(self.work_fd):
             self.oci_whiteouts = True
-            return ["the upper filesystem refuses mknod: whiteouts are written as .wh.<name> files"]
-        return []
+            warnings.append(
+                "the upper filesystem refuses mknod: whiteouts are written as .wh.<name> files"
+            )
+        return warnings
 
     def remove(self, name: bytes) -> bool:
         """Remove ``name`` (a tree built or moved into ``work/``) with everything below it."""
