@@ -29,6 +29,7 @@ from typing import Any
 from unionfs.cli.args import split_lowerdir, unescape
 from unionfs.errors import UnionfsError, UsageError
 from unionfs.fdops import open_dir_at
+from unionfs.idmap import IdMap, Range, parse_mapping
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ _PASSIVE_OPTIONS = {
     "allow_other",
     "threaded",
     "fast_ino",
-    "static_nlink",
     "writeback",
     "noxattrs",
     "redirect_dir",
@@ -107,10 +107,31 @@ class MountConfig:
     exec: bool = True
     # Ask the kernel to enforce POSIX ACLs (FUSE_CAP_POSIX_ACL) -- ``noacl`` turns it off.
     acl: bool = True
+    # Owner mapping (fuse-overlayfs's uidmapping=/gidmapping=, STORED:SHOWN:LENGTH ranges) and
+    # squashing (squash_to_root, squash_to_uid=, squash_to_gid=): see unionfs.idmap.
+    uid_ranges: tuple[Range, ...] = ()
+    gid_ranges: tuple[Range, ...] = ()
+    squash_to_root: bool = False
+    squash_to_uid: int | None = None
+    squash_to_gid: int | None = None
+    # Directories report one link (fuse-overlayfs's static_nlink: find(1) then does not
+    # trust the link count to skip subdirectory scans).
+    static_nlink: bool = False
 
     @property
     def writable(self) -> bool:
         return self.upper is not None and not self.read_only
+
+    @property
+    def idmap(self) -> IdMap | None:
+        """The owner mapping the options ask for; None when they ask for none."""
+        return IdMap.of(
+            self.uid_ranges,
+            self.gid_ranges,
+            self.squash_to_root,
+            self.squash_to_uid,
+            self.squash_to_gid,
+        )
 
 
 # Options without a value that set one field: name -> (field, value). The kernel mount flags
@@ -124,6 +145,8 @@ _FLAG_OPTIONS: dict[str, tuple[str, bool]] = {
     "nonempty": ("nonempty", True),
     "noallow_other": ("allow_other", False),
     "noacl": ("acl", False),
+    "squash_to_root": ("squash_to_root", True),
+    "static_nlink": ("static_nlink", True),
     **{flag: (flag, True) for flag in ("dev", "suid", "exec")},
     **{"no" + flag: (flag, False) for flag in ("dev", "suid", "exec")},
 }
@@ -145,6 +168,8 @@ def apply_options(cfg: MountConfig, options: list[str]) -> tuple[MountConfig, li
     new: dict[str, Any] = {}
     warnings: list[str] = []
     for opt in options:
+        if not opt:
+            continue  # podman may send empty options between commas
         name, eq, value = opt.partition("=")
         val = value if eq else None
         if name == "lowerdir":
@@ -164,6 +189,12 @@ def apply_options(cfg: MountConfig, options: list[str]) -> tuple[MountConfig, li
             if not value.isdigit():
                 raise UsageError(f"option readahead={value}: expected a size in KiB")
             new["readahead_kb"] = int(value)
+        elif name in ("uidmapping", "gidmapping"):
+            new["uid_ranges" if name[0] == "u" else "gid_ranges"] = parse_mapping(name, value)
+        elif name in ("squash_to_uid", "squash_to_gid"):
+            if not value.isdigit() or int(value) > 0xFFFFFFFE:
+                raise UsageError(f"option {name}={value}: expected a numeric id")
+            new[name] = int(value)
         elif name == "fsync":
             new["fsync"] = _bool_option(name, val)
         elif name in _FLAG_OPTIONS:

@@ -193,7 +193,9 @@ def serve(cfg: MountConfig, ready_fd: int = -1, warnings: Sequence[str] = ()) ->
             fs = Union(cfg)
             life.callback(fs.close)
             _fit_fd_cache(fs)
-            ops = Operations(fs, cfg.timeout, debug=cfg.debug)
+            ops = Operations(
+                fs, cfg.timeout, debug=cfg.debug, idmap=cfg.idmap, static_nlink=cfg.static_nlink
+            )
             # default_permissions is always on: let the kernel enforce POSIX ACLs too (it
             # reads system.posix_acl_access through getxattr), unless the mount says noacl.
             ops.enable_acl = cfg.acl

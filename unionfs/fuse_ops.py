@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from unionfs.fs.union import Attr, AttrChange, Caller, Node, Union
+from unionfs.idmap import IdMap
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,25 @@ class Operations(pyfuse3.Operations):
     # from the noacl option.
     enable_acl = True
 
-    def __init__(self, fs: Union, timeout: float, debug: bool = False) -> None:
+    def __init__(
+        self,
+        fs: Union,
+        timeout: float,
+        debug: bool = False,
+        idmap: IdMap | None = None,
+        static_nlink: bool = False,
+    ) -> None:
         super().__init__()
         self.fs = fs
         self.timeout = timeout
         self.debug = debug
+        # Owner mapping (uidmapping=, gidmapping=, squash_*): None costs nothing per request.
+        # With one, replies go through _mapped_entry (an instance attribute shadowing entry,
+        # so the unmapped path keeps its one plain call).
+        self.idmap = idmap
+        self.static_nlink = static_nlink
+        if idmap is not None or static_nlink:
+            self.entry = self._mapped_entry  # type: ignore[method-assign]
         # Needs pyfuse3 with FileInfo.cache_readdir for opendir (scripts/install.sh builds it).
         self.cache_dirs = timeout > 0 and hasattr(pyfuse3.FileInfo, "cache_readdir")
         # Ready-made replies of immutable (lower) nodes, by node id: a compact C struct,
@@ -150,6 +165,25 @@ class Operations(pyfuse3.Operations):
         e.st_atime_ns, e.st_mtime_ns = st.st_atime_ns, st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
+
+    def _mapped_entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        """:meth:`entry` with the owner shown through the mapping and, with
+        ``static_nlink``, one link for a directory (as fuse-overlayfs's rpl_stat)."""
+        e = Operations.entry(self, attr)
+        idmap = self.idmap
+        if idmap is not None:
+            e.st_uid = idmap.uid_shown(e.st_uid)
+            e.st_gid = idmap.gid_shown(e.st_gid)
+        if self.static_nlink and stat.S_ISDIR(e.st_mode):
+            e.st_nlink = 1
+        return e
+
+    def owner(self, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        """The stored owner of an object ``ctx``'s caller creates (EINVAL if unmapped)."""
+        idmap = self.idmap
+        if idmap is None:
+            return ctx.uid, ctx.gid
+        return idmap.uid_stored(ctx.uid), idmap.gid_stored(ctx.gid)
 
     def entry_for(self, node: Node, attr: Attr | None) -> pyfuse3.EntryAttributes:
         """The reply for ``node``: built once for objects served from a (read-only) lower."""
@@ -219,7 +253,11 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fh = await self.fs.open(inode, flags, Caller(ctx.uid, ctx.gid, ctx.pid))
+        caller = Caller(ctx.uid, ctx.gid, ctx.pid)
+        if self.idmap is not None:
+            # The set-gid rule compares the caller's group with the stored group.
+            caller = _stored_caller(self.idmap, caller)
+        fh = await self.fs.open(inode, flags, caller)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @boundary
@@ -235,7 +273,10 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.fs.getxattr(inode, name)
+        value = self.fs.getxattr(inode, name)
+        if self.idmap is not None:
+            value = self.idmap.xattr_shown(name, value)
+        return value
 
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -266,10 +307,15 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        uid = attr.st_uid if fields.update_uid else None
+        gid = attr.st_gid if fields.update_gid else None
+        if self.idmap is not None:
+            uid = None if uid is None else self.idmap.uid_stored(uid)
+            gid = None if gid is None else self.idmap.gid_stored(gid)
         change = AttrChange(
             mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
+            uid=uid,
+            gid=gid,
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
@@ -281,9 +327,8 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, attr = await self.fs.create(
-            parent_inode, name, mode, flags, ctx.uid, ctx.gid, ctx.umask
-        )
+        uid, gid = self.owner(ctx)
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags, uid, gid, ctx.umask)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.entry(attr)
 
     @boundary
@@ -306,23 +351,22 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self.entry(
-            await self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid, ctx.umask)
-        )
+        uid, gid = self.owner(ctx)
+        return self.entry(await self.fs.mkdir(parent_inode, name, mode, uid, gid, ctx.umask))
 
     @boundary
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self.entry(
-            await self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid, ctx.umask)
-        )
+        uid, gid = self.owner(ctx)
+        return self.entry(await self.fs.mknod(parent_inode, name, mode, rdev, uid, gid, ctx.umask))
 
     @boundary
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self.entry(await self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+        uid, gid = self.owner(ctx)
+        return self.entry(await self.fs.symlink(parent_inode, name, target, uid, gid))
 
     @boundary
     async def link(
@@ -354,8 +398,21 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext, flags: int = 0
     ) -> None:
+        if self.idmap is not None:
+            value = self.idmap.xattr_stored(name, value)
         await self.fs.setxattr(inode, name, value, flags)
 
     @boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.fs.removexattr(inode, name)
+
+
+def _stored_caller(idmap: IdMap, caller: Caller) -> Caller:
+    """``caller`` with its gid as stored where the mapping has it. The uid stays as the
+    kernel gave it: the filesystem uses it only to tell root (a privilege, not an owner).
+    The supplementary groups (read from /proc) stay unmapped."""
+    try:
+        gid = idmap.gid_stored(caller.gid)
+    except OSError:
+        gid = caller.gid
+    return Caller(caller.uid, gid, caller.pid)

@@ -186,3 +186,112 @@ def test_fuse_options_follow_the_flags() -> None:
     opts = fuse_options(cfg)
     assert {"dev", "nosuid", "noexec"} <= opts
     assert not opts & {"nodev", "suid", "allow_other"}
+
+
+# -- fuse-overlayfs's owner options (issue 12) -------------------------------------------
+
+
+def _opts(*options: str) -> config.MountConfig:
+    cfg, warnings = config.apply_options(config.MountConfig(lowers=[], mountpoint="/m"), options)
+    assert warnings == []
+    return cfg
+
+
+def test_uidmapping_ranges_as_fuse_overlayfs_reads_them() -> None:
+    # STORED:SHOWN:LENGTH triples separated by ':' (fuse-overlayfs's read_mappings).
+    cfg = _opts("uidmapping=0:100000:65536:65536:200000:1000", "gidmapping=100000:0:65536")
+    assert cfg.uid_ranges == ((0, 100000, 65536), (65536, 200000, 1000))
+    assert cfg.gid_ranges == ((100000, 0, 65536),)
+    idmap = cfg.idmap
+    assert idmap is not None
+    assert [idmap.uid_shown(u) for u in (0, 5, 65535, 65536, 66535, 66536)] == [
+        100000,
+        100005,
+        165535,
+        200000,
+        200999,
+        idmap.overflow_uid,
+    ]
+    assert idmap.uid_stored(200010) == 65546 and idmap.gid_stored(1000) == 101000
+    with pytest.raises(OSError) as info:
+        idmap.uid_stored(5)
+    assert info.value.errno == 22  # EINVAL: an id the mapping does not show
+
+
+def test_uidmapping_leading_colon_form_of_containers_storage() -> None:
+    # containers-storage appends ":C:H:N" per range; empty fields are skipped as strtok does.
+    cfg = _opts("uidmapping=:0:1:65536", "gidmapping=:0:1:1:1:100000:65535")
+    assert cfg.uid_ranges == ((0, 1, 65536),)
+    assert cfg.gid_ranges == ((0, 1, 1), (1, 100000, 65535))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "uidmapping=0:100000",
+        "uidmapping=",
+        "uidmapping=a:b:c",
+        "gidmapping=0:1:2:3",
+        "gidmapping=0:-1:5",
+        "uidmapping=0:0:0",
+        "uidmapping=4294967295:0:2",
+        "squash_to_uid=",
+        "squash_to_uid=root",
+        "squash_to_gid=-1",
+    ],
+)
+def test_malformed_owner_options_are_one_line_usage_errors(bad: str) -> None:
+    with pytest.raises(UsageError) as info:
+        _opts(bad)
+    assert "\n" not in str(info.value) and bad.split("=")[0] in str(info.value)
+
+
+def test_squash_options_and_no_mapping_by_default() -> None:
+    assert _opts().idmap is None  # no mapping: the adapter does no id work
+    root = _opts("squash_to_root").idmap
+    assert root is not None and (root.uid_shown(1234), root.gid_shown(99)) == (0, 0)
+    both = _opts("squash_to_root", "squash_to_uid=7").idmap
+    assert both is not None and (both.uid_shown(1), both.gid_shown(1)) == (7, 0)
+    gid = _opts("squash_to_gid=8").idmap
+    assert gid is not None and (gid.uid_shown(1), gid.gid_shown(1)) == (1, 8)
+
+
+def test_static_nlink_volatile_noacl_and_empty_options() -> None:
+    cfg = _opts("static_nlink", "volatile", "noacl", "", "lowerdir=/a")
+    assert cfg.static_nlink and not cfg.fsync and not cfg.acl and cfg.lowers == ["/a"]
+    # podman's "lowerdir=..,,upperdir=.." : the splitter drops the empty option.
+    from unionfs.cli.args import split_options
+
+    assert split_options("lowerdir=/a,,upperdir=/u,,workdir=/w") == [
+        "lowerdir=/a",
+        "upperdir=/u",
+        "workdir=/w",
+    ]
+
+
+def test_acl_and_capability_ids_are_mapped_both_ways() -> None:
+    import struct
+
+    from unionfs.idmap import IdMap
+
+    idmap = IdMap.of(((100000, 0, 65536),), ((100000, 0, 65536),), False, None, None)
+    assert idmap is not None
+    # user_obj, user 101000, group 100005, mask, other
+    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 4, 101000), (0x08, 5, 100005), (0x10, 7, 0)]
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    shown = idmap.xattr_shown(b"system.posix_acl_access", acl)
+    ids = [struct.unpack_from("<HHI", shown, 4 + 8 * i)[2] for i in range(4)]
+    assert ids == [0xFFFFFFFF, 1000, 5, 0]
+    assert idmap.xattr_stored(b"system.posix_acl_default", shown) == acl
+    unmapped = struct.pack("<I", 2) + struct.pack("<HHI", 0x02, 4, 7)
+    shown_unmapped = idmap.xattr_shown(b"system.posix_acl_access", unmapped)
+    assert struct.unpack_from("<HHI", shown_unmapped, 4)[2] == idmap.overflow_uid
+    # security.capability v3: magic, 2 x (permitted, inheritable), rootid
+    cap = struct.pack("<IIIIII", 0x03000000, 1 << 10, 0, 0, 0, 100000)
+    assert idmap.xattr_shown(b"security.capability", cap)[20:] == struct.pack("<I", 0)
+    assert idmap.xattr_stored(b"security.capability", cap[:20] + struct.pack("<I", 0)) == cap
+    v2 = cap[:20]
+    assert idmap.xattr_shown(b"security.capability", v2) == v2
+    with pytest.raises(OSError):
+        idmap.xattr_stored(b"security.capability", cap)  # shown rootid 100000: not mapped
+    assert idmap.xattr_shown(b"user.x", b"\x02\x00") == b"\x02\x00"
