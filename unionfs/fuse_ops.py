@@ -14,6 +14,7 @@ up, or the kernel forgot it), so a repeated lookup or a warm readdir entry is a 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -309,9 +310,18 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         uid = attr.st_uid if fields.update_uid else None
         gid = attr.st_gid if fields.update_gid else None
-        if self.idmap is not None:
-            uid = None if uid is None else self.idmap.uid_stored(uid)
-            gid = None if gid is None else self.idmap.gid_stored(gid)
+        idmap = self.idmap
+        # fuse-overlayfs (do_fchown): when the mount squashes owners a chown never fails; what
+        # it could not store is dropped and the rest of the change still applies.
+        lenient = idmap is not None and idmap.squashes and (uid is not None or gid is not None)
+        if idmap is not None:
+            try:
+                uid = None if uid is None else idmap.uid_stored(uid)
+                gid = None if gid is None else idmap.gid_stored(gid)
+            except OSError:
+                if not lenient:
+                    raise
+                uid = gid = None
         change = AttrChange(
             mode=attr.st_mode if fields.update_mode else None,
             uid=uid,
@@ -320,7 +330,13 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        result = await self.fs.setattr(inode, fh, change)
+        try:
+            result = await self.fs.setattr(inode, fh, change)
+        except OSError as exc:
+            if not lenient or exc.errno not in (errno.EPERM, errno.EINVAL):
+                raise
+            change = dataclasses.replace(change, uid=None, gid=None)
+            result = await self.fs.setattr(inode, fh, change)
         return self.entry(result)
 
     @boundary

@@ -20,7 +20,9 @@ Both ways:
   silently given to ``nobody``.
 
 ``squash_to_root``, ``squash_to_uid=N`` and ``squash_to_gid=N`` change only what is shown
-(every object owned by 0 or N), as in fuse-overlayfs; writes still map shown -> stored.
+(every object owned by 0 or N), as in fuse-overlayfs; writes still map shown -> stored, and a
+chown that cannot be stored (refused by the upper, or an unmapped id) is dropped without an
+error, as fuse-overlayfs's ``do_fchown`` does under squash.
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ class IdMap:
         if not uids and not gids and squash_uid is None and squash_gid is None:
             return None
         return cls(uids, gids, squash_uid, squash_gid, _overflow("uid"), _overflow("gid"))
+
+    @property
+    def squashes(self) -> bool:
+        """Whether the mount shows squashed owners (then a chown never fails)."""
+        return self.squash_uid is not None or self.squash_gid is not None
 
     @staticmethod
     def _to_shown(ranges: tuple[Range, ...], ident: int, overflow: int) -> int:

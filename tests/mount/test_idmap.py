@@ -132,6 +132,25 @@ def test_squash_to_root_and_to_uid(union) -> None:
         assert owners(mnt, "a", "b") == [(7, 4321), (7, 0)]
 
 
+def test_chown_under_squash_never_fails(union) -> None:
+    # fuse-overlayfs's do_fchown: with squashed owners a chown that cannot be stored is
+    # dropped without an error (here an id outside the mapping); the rest of the change holds.
+    u: Union = union(1)
+    owned(u.lowers[0] / "f", 100000)
+    os.chmod(u.lowers[0] / "f", 0o644)
+    with u.mount("squash_to_root", *MAP) as mnt:
+        os.chown(os.path.join(mnt, "f"), 70000, 70000)
+        st = os.lstat(u.upper / "f")
+        assert (st.st_uid, st.st_gid) == (100000, 100000)
+        os.chown(os.path.join(mnt, "f"), 1000, -1)  # mapped: stored
+        assert os.lstat(u.upper / "f").st_uid == 101000
+        assert owners(mnt, "f") == [(0, 0)]
+    with u.mount(*MAP) as mnt:  # without squash the same chown is refused
+        with pytest.raises(OSError) as info:
+            os.chown(os.path.join(mnt, "f"), 70000, -1)
+        assert info.value.errno == errno.EINVAL
+
+
 def test_static_nlink_shows_one_link_for_directories(union) -> None:
     u: Union = union(1)
     os.makedirs(u.lowers[0] / "d" / "sub1")
