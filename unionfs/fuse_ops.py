@@ -254,10 +254,10 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        caller = Caller(ctx.uid, ctx.gid, ctx.pid)
-        if self.idmap is not None:
-            # The set-gid rule compares the caller's group with the stored group.
-            caller = _stored_caller(self.idmap, caller)
+        if self.idmap is None:
+            caller = Caller(ctx.uid, ctx.gid, ctx.pid)
+        else:
+            caller = _MappedCaller(ctx.uid, ctx.gid, ctx.pid, self.idmap)
         fh = await self.fs.open(inode, flags, caller)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -423,12 +423,20 @@ class Operations(pyfuse3.Operations):
         await self.fs.removexattr(inode, name)
 
 
-def _stored_caller(idmap: IdMap, caller: Caller) -> Caller:
-    """``caller`` with its gid as stored where the mapping has it. The uid stays as the
-    kernel gave it: the filesystem uses it only to tell root (a privilege, not an owner).
-    The supplementary groups (read from /proc) stay unmapped."""
-    try:
-        gid = idmap.gid_stored(caller.gid)
-    except OSError:
-        gid = caller.gid
-    return Caller(caller.uid, gid, caller.pid)
+@dataclasses.dataclass(frozen=True)
+class _MappedCaller(Caller):
+    """A caller of a mapped mount. Its ids stay as the kernel gave them (the filesystem uses
+    the uid only to tell root: a privilege, not an owner); its groups, compared with a stored
+    group by the set-gid rule, are given as stored (groups the mapping lacks are left out)."""
+
+    idmap: IdMap | None = None
+
+    def groups(self) -> set[int]:
+        found = set()
+        assert self.idmap is not None
+        for gid in super().groups():
+            try:
+                found.add(self.idmap.gid_stored(gid))
+            except OSError:
+                pass
+        return found

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Union, write
+from tests.security._mount_common import world_root
+from unionfs.api import mounted
 
 pytestmark = pytest.mark.mount
 
@@ -220,3 +222,36 @@ def test_bad_mapping_is_a_usage_error(union, bad: str) -> None:
     assert len(lines) == 1 and bad.split("=")[0] in lines[0], proc.stderr
     assert not os.path.ismount(u.mnt) and os.listdir(u.upper) == []
     assert stat.S_ISDIR(os.lstat(u.mnt).st_mode)
+
+
+def test_set_gid_rule_compares_mapped_groups() -> None:
+    # A write by a caller outside the file's group clears a set-gid bit that has no group
+    # execute (the daemon's rule, files.open); membership is judged with the caller's groups
+    # mapped to stored ids, so shown group 1000 is a member of stored group 101000.
+    with world_root() as root:
+        for name in ("lower", "upper", "work", "mnt"):
+            (root / name).mkdir()
+        for name in ("member", "outsider"):
+            f = owned(root / "lower" / name, 100000, 101000)
+            os.chmod(f, 0o2666)
+        with mounted(
+            [str(root / "lower")], str(root / "mnt"), str(root / "upper"), str(root / "work"), MAP
+        ) as mnt:
+            for name, groups in (("member", "1000"), ("outsider", "3000")):
+                proc = subprocess.run(
+                    [
+                        "setpriv",
+                        "--reuid=2000",
+                        "--regid=2000",
+                        f"--groups={groups}",
+                        "sh",
+                        "-c",
+                        f"echo y >> {mnt}/{name}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                assert proc.returncode == 0, proc.stderr
+            assert os.lstat(root / "upper" / "member").st_mode & stat.S_ISGID
+            assert not os.lstat(root / "upper" / "outsider").st_mode & stat.S_ISGID
