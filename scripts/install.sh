@@ -89,7 +89,7 @@ PY
 fi
 pip_or_die install -q -e ".[test,bench,zstd]"
 rm -f "$PIP_LOG"
-.venv/bin/python -c "import pyfuse3, trio, pyroute2; pyfuse3.FileInfo(cache_readdir=True); pyfuse3.EntryAttributes().node_id
+.venv/bin/python -c "import pyfuse3, trio, pyroute2; pyfuse3.FileInfo(cache_readdir=True);
 pyfuse3.EntryAttributes().node_id; pyfuse3.Operations.fallocate"
 
 # Debian's unionfs-fuse ships /usr/bin/unionfs; /usr/local/bin comes first on root's PATH.
