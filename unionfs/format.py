@@ -99,6 +99,7 @@ _INTERNAL_PREFIXES = (
     b"user.overlay.",
     b"trusted.unionfs.",
     b"user.unionfs.",
+    b"user.fuseoverlayfs.",
 )
 
 
@@ -109,7 +110,11 @@ _INTERNAL_PREFIXES = (
 _OWN_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 _ESCAPE = b"overlay."
 _ESCAPED_TEST = (b"trusted.overlay.overlay.", b"user.overlay.overlay.")
-_UNIONFS_PREFIXES = (b"trusted.unionfs.", b"user.unionfs.")
+# Private namespaces of userspace overlays: unionfs's own (old origin, inspection) and
+# fuse-overlayfs's (its rootless opaque marker and origin), hidden and never settable.
+FUSE_OVERLAYFS_PREFIX = b"user.fuseoverlayfs."
+FUSE_OVERLAYFS_OPAQUE = FUSE_OVERLAYFS_PREFIX + b"opaque"
+_UNIONFS_PREFIXES = (b"trusted.unionfs.", b"user.unionfs.", FUSE_OVERLAYFS_PREFIX)
 # Markers unionfs reads in every layer whatever the mode (the kernel only reads its own mode's):
 # never settable nor shown through the mount in either mode.
 _MARKERS = frozenset(OPAQUE_XATTRS + WHITEOUT_XATTRS)
@@ -197,7 +202,10 @@ def is_chardev_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-_OPAQUE_XATTR_NAMES = tuple(os.fsdecode(a) for a in OPAQUE_XATTRS)
+# Read in every layer: the kernel's two namespaces, then fuse-overlayfs's rootless marker
+# (an upper written by fuse-overlayfs mounts unchanged).
+_READ_OPAQUE_XATTRS = (*OPAQUE_XATTRS, FUSE_OVERLAYFS_OPAQUE)
+_OPAQUE_XATTR_NAMES = tuple(os.fsdecode(a) for a in _READ_OPAQUE_XATTRS)
 
 
 def opaque_value(dir_fd: int) -> bytes | None:
@@ -212,7 +220,7 @@ def opaque_value(dir_fd: int) -> bytes | None:
         if fdops.quiet(exc):
             return None
         raise
-    for attr, name in zip(OPAQUE_XATTRS, _OPAQUE_XATTR_NAMES, strict=True):
+    for attr, name in zip(_READ_OPAQUE_XATTRS, _OPAQUE_XATTR_NAMES, strict=True):
         if name in names:
             value = fd_getxattr(dir_fd, attr)
             if value is not None:

@@ -128,3 +128,37 @@ def test_a_user_mounts_beside_roots_state_and_recreates_a_deleted_directory(base
         assert sh(f"ls {mnt}/d; cat {mnt}/keep").stdout == "n\nkept\nmore\n"
     finally:
         assert as_user(UNIONFS, "umount", str(mnt)).returncode == 0
+
+
+def test_an_upper_written_by_rootless_fuse_overlayfs_mounts_unchanged(base: Path) -> None:
+    """fuse-overlayfs, run by a user, marks opaque directories user.fuseoverlayfs.opaque (and a
+    .wh..wh..opq file); the same layers mounted by unionfs show the same tree."""
+    mnt = base / "mnt"
+    layers = f"lowerdir={base / 'lower'},upperdir={base / 'upper'},workdir={base / 'work'}"
+    made = as_user("fuse-overlayfs", "-o", layers, str(mnt))
+    assert made.returncode == 0, made.stderr
+    try:
+        done = sh(f"cd {mnt} && rm -r d && mkdir d && echo new > d/n && rm keep && mkdir e")
+        assert done.returncode == 0, done.stderr
+        want = sh(f"cd {mnt} && find . | sort && cat d/n").stdout
+    finally:
+        assert as_user("fusermount3", "-u", str(mnt)).returncode == 0
+    assert "user.fuseoverlayfs.opaque" in os.listxattr(base / "upper" / "d")
+    mounted = as_user(
+        UNIONFS,
+        "mount",
+        "--lower",
+        str(base / "lower"),
+        "--upper",
+        str(base / "upper"),
+        "--workdir",
+        str(base / "work"),
+        str(mnt),
+    )
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        assert sh(f"cd {mnt} && find . | sort && cat d/n").stdout == want
+        shown = sh(f"getfattr -d -m - {mnt}/d").stdout
+        assert "fuseoverlayfs" not in shown
+    finally:
+        assert as_user(UNIONFS, "umount", str(mnt)).returncode == 0
