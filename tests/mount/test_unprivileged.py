@@ -38,6 +38,21 @@ def as_user(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def mount_as_user(base: Path) -> subprocess.CompletedProcess[str]:
+    """``unionfs mount`` of ``base``'s lower, upper and workdir on ``base/mnt``, as the user."""
+    return as_user(
+        UNIONFS,
+        "mount",
+        "--lower",
+        str(base / "lower"),
+        "--upper",
+        str(base / "upper"),
+        "--workdir",
+        str(base / "work"),
+        str(base / "mnt"),
+    )
+
+
 def sh(cmd: str) -> subprocess.CompletedProcess[str]:
     return as_user("sh", "-c", cmd)
 
@@ -81,17 +96,7 @@ def test_a_user_mounts_beside_roots_state_and_recreates_a_deleted_directory(base
     os.makedirs("/run/unionfs/mounts", exist_ok=True)  # root has used unionfs here
     before = sorted(os.listdir("/run/unionfs/mounts"))
     mnt = base / "mnt"
-    mounted = as_user(
-        UNIONFS,
-        "mount",
-        "--lower",
-        str(base / "lower"),
-        "--upper",
-        str(base / "upper"),
-        "--workdir",
-        str(base / "work"),
-        str(mnt),
-    )
+    mounted = mount_as_user(base)
     assert mounted.returncode == 0, mounted.stderr
     try:
         done = sh(
@@ -112,17 +117,7 @@ def test_a_user_mounts_beside_roots_state_and_recreates_a_deleted_directory(base
         out = as_user(UNIONFS, "umount", str(mnt))
         assert out.returncode == 0, out.stderr
     # The same view after a remount by the same user.
-    again = as_user(
-        UNIONFS,
-        "mount",
-        "--lower",
-        str(base / "lower"),
-        "--upper",
-        str(base / "upper"),
-        "--workdir",
-        str(base / "work"),
-        str(mnt),
-    )
+    again = mount_as_user(base)
     assert again.returncode == 0, again.stderr
     try:
         assert sh(f"ls {mnt}/d; cat {mnt}/keep").stdout == "n\nkept\nmore\n"
@@ -144,17 +139,7 @@ def test_an_upper_written_by_rootless_fuse_overlayfs_mounts_unchanged(base: Path
     finally:
         assert as_user("fusermount3", "-u", str(mnt)).returncode == 0
     assert "user.fuseoverlayfs.opaque" in os.listxattr(base / "upper" / "d")
-    mounted = as_user(
-        UNIONFS,
-        "mount",
-        "--lower",
-        str(base / "lower"),
-        "--upper",
-        str(base / "upper"),
-        "--workdir",
-        str(base / "work"),
-        str(mnt),
-    )
+    mounted = mount_as_user(base)
     assert mounted.returncode == 0, mounted.stderr
     try:
         assert sh(f"cd {mnt} && find . | sort && cat d/n").stdout == want

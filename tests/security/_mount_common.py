@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.layertools.canary import canary_state
+
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
@@ -55,29 +57,7 @@ def make_canary(root: Path) -> Path:
 
 def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
     """Everything a test promises not to change under ``root``, by relative path."""
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [".", *dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            data = b""
-            if os.path.isfile(p) and not os.path.islink(p):
-                with open(p, "rb") as f:
-                    data = f.read()
-            xattrs = tuple(
-                sorted((n, os.getxattr(p, n, follow_symlinks=False)) for n in os.listxattr(p))
-            )
-            out[os.path.relpath(p, root)] = (
-                st.st_mode,
-                st.st_uid,
-                st.st_gid,
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-                data,
-                xattrs,
-            )
-    return out
+    return canary_state(root)
 
 
 @contextlib.contextmanager

@@ -16,47 +16,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Union, write
+from tests.layertools.canary import canary_state, make_canary
 from unionfs.fdops import RENAME_EXCHANGE, renameat2
 
 pytestmark = pytest.mark.mount
 
 SWAP_SECONDS = 2.0
-
-
-def canary_state(root: Path) -> dict[str, tuple[object, ...]]:
-    """Everything a write could change below ``root``, per path (never following links)."""
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            regular = os.path.isfile(p) and not os.path.islink(p)
-            data = Path(p).read_bytes() if regular else b""
-            xattrs = tuple(
-                sorted((x, os.getxattr(p, x, follow_symlinks=False)) for x in os.listxattr(p))
-            )
-            out[os.path.relpath(p, root)] = (
-                st.st_mode,
-                st.st_uid,
-                st.st_gid,
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-                data,
-                xattrs,
-            )
-    return out
-
-
-def make_canary(root: Path) -> Path:
-    canary = root / "canary"
-    d = canary / "d"
-    d.mkdir(parents=True)
-    for name in ("f", "g"):
-        f = write(d / name, f"canary {name}", mode=0o644)
-        os.setxattr(f, "user.canary", b"keep")
-    os.chmod(d, 0o755)
-    return canary
 
 
 def swapper(parent: Path, a: str, b: str, stop: threading.Event) -> int:
@@ -125,8 +90,8 @@ def hammer(mnt: Path, stop: threading.Event) -> dict[str, int]:
 
 
 def race(u: Union, layer: Path, canary: Path) -> dict[str, int]:
-    """Mount, then swap ``layer/d`` with a symlink to ``canary/d`` while hammering the mount."""
-    os.symlink(canary / "d", layer / "evil")
+    """Mount, then swap ``layer/d`` with a symlink to ``canary/dir`` while hammering the mount."""
+    os.symlink(canary / "dir", layer / "evil")
     before = canary_state(canary)
     stop = threading.Event()
     result: dict[str, int] = {}
