@@ -796,6 +796,10 @@ def random_op(
             path = rng.choice(dirs)
         elif kinds.get(path) in ("chr", "blk") and not flags & O_PATH:
             flags = O_PATH | os.O_NOFOLLOW
+        elif kinds.get(path) == "lnk":
+            # Never follow a symlink of the layers: its target is resolved on the host, and a
+            # write through one once reached this machine's /etc/passwd.
+            flags |= os.O_NOFOLLOW
         return o("open", path, arg=(flags, rng.choice(CREATE_MODES)))
     if kind == "deep":
         return o("deep", rng.choice(dirs), arg=rng.randint(3900, 4200))
