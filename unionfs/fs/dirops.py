@@ -63,6 +63,8 @@ class DirOps:
         self.s = s
         self.copier = copier
         self.wd = copier.wd
+        # The daemon's own ids never change: asked once, not on every create.
+        self._own_ids = (os.geteuid(), os.getegid())
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -101,9 +103,8 @@ class DirOps:
             return uid, pst.st_gid, True
         return uid, gid, False
 
-    @staticmethod
-    def _set_owner(dir_fd: int, name: bytes, uid: int, gid: int, keep_sgid: bool) -> None:
-        if not keep_sgid and uid == os.geteuid() and gid == os.getegid():
+    def _set_owner(self, dir_fd: int, name: bytes, uid: int, gid: int, keep_sgid: bool) -> None:
+        if not keep_sgid and (uid, gid) == self._own_ids:
             return  # created by us with exactly that owner: nothing to change
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if (st.st_uid, st.st_gid) != (uid, gid):
