@@ -11,6 +11,7 @@ APT_PACKAGES=(
     fuse3 libfuse3-dev attr
     iproute2 nftables util-linux busybox-static
     fuse-overlayfs zstd patch acl
+    podman buildah runc uidmap slirp4netns
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
