@@ -117,6 +117,11 @@ class MountConfig:
     # Directories report one link (fuse-overlayfs's static_nlink: find(1) then does not
     # trust the link count to skip subdirectory scans).
     static_nlink: bool = False
+    # Owner and mode of what the mount changes or creates kept in an xattr of the upper object
+    # instead of its inode (fuse-overlayfs's xattr_permissions): 0 off,
+    # 1 security.fuseoverlayfs.override_stat, 2 user.fuseoverlayfs.override_stat. See
+    # unionfs.fs.override.
+    xattr_permissions: int = 0
 
     @property
     def writable(self) -> bool:
@@ -195,6 +200,10 @@ def apply_options(cfg: MountConfig, options: list[str]) -> tuple[MountConfig, li
             if not value.isdigit() or int(value) > 0xFFFFFFFE:
                 raise UsageError(f"option {name}={value}: expected a numeric id")
             new[name] = int(value)
+        elif name == "xattr_permissions":
+            if value not in ("0", "1", "2"):
+                raise UsageError(f"option xattr_permissions={value}: expected 0, 1 or 2")
+            new["xattr_permissions"] = int(value)
         elif name == "fsync":
             new["fsync"] = _bool_option(name, val)
         elif name in _FLAG_OPTIONS:

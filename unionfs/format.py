@@ -115,6 +115,15 @@ _ESCAPED_TEST = (b"trusted.overlay.overlay.", b"user.overlay.overlay.")
 FUSE_OVERLAYFS_PREFIX = b"user.fuseoverlayfs."
 FUSE_OVERLAYFS_OPAQUE = FUSE_OVERLAYFS_PREFIX + b"opaque"
 _UNIONFS_PREFIXES = (b"trusted.unionfs.", b"user.unionfs.", FUSE_OVERLAYFS_PREFIX)
+# Owner and mode kept in an xattr (unionfs.fs.override), in the order a layer's root is probed:
+# fuse-overlayfs's xattr_permissions=1, containers-storage's, fuse-overlayfs's
+# xattr_permissions=2. Hidden and never settable, like fuse-overlayfs's own names.
+OVERRIDE_STAT = (
+    b"security.fuseoverlayfs.override_stat",
+    b"user.containers.override_stat",
+    FUSE_OVERLAYFS_PREFIX + b"override_stat",
+)
+_HIDDEN_PREFIXES = (*_UNIONFS_PREFIXES, b"security.fuseoverlayfs.")
 # Markers unionfs reads in every layer whatever the mode (the kernel only reads its own mode's):
 # never settable nor shown through the mount in either mode.
 _MARKERS = frozenset(OPAQUE_XATTRS + WHITEOUT_XATTRS)
@@ -149,7 +158,7 @@ def xattr_layer_name(name: bytes, userxattr: bool) -> bytes | None:
         if len(escaped) > XATTR_NAME_MAX:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         return escaped
-    if name in _MARKERS or name.startswith(_UNIONFS_PREFIXES):
+    if name in _MARKERS or name in OVERRIDE_STAT or name.startswith(_HIDDEN_PREFIXES):
         return None
     return name
 
@@ -173,7 +182,7 @@ def xattr_mount_name(name: bytes, userxattr: bool) -> bytes | None:
         if name.startswith(_ESCAPED_TEST[userxattr]):
             return own + name[len(own) + len(_ESCAPE) :]
         return None
-    if name in _MARKERS or name.startswith(_UNIONFS_PREFIXES):
+    if name in _MARKERS or name in OVERRIDE_STAT or name.startswith(_HIDDEN_PREFIXES):
         return None
     return name
 

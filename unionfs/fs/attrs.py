@@ -49,9 +49,12 @@ class Attrs:
         atime_ns, mtime_ns = change.atime_ns, change.mtime_ns
         s = self.s
         s.check_writable()
+        recording = s.overrides is not None and s.overrides.write is not None
         if node.layers[0] != UPPER:
             folded = None
-            if uid is None and gid is None and (size is None or mtime_ns is not None):
+            # With xattr_permissions a chmod goes to the override xattr, never into the copy.
+            foldable = uid is None and gid is None and not (recording and mode is not None)
+            if foldable and (size is None or mtime_ns is not None):
                 folded = Change(mode=mode, atime_ns=atime_ns, mtime_ns=mtime_ns, size=size)
             if await self.copier.copy_up(node, folded):
                 return
@@ -103,13 +106,23 @@ class Attrs:
                     os.ftruncate(fd, size)
                 finally:
                     os.close(fd)
+        if (uid is not None or gid is not None or mode is not None) and self._record(
+            node, target, pfd, name, mode, uid, gid
+        ):
+            uid = gid = mode = None
         if uid is not None or gid is not None:
             u = -1 if uid is None else uid
             g = -1 if gid is None else gid
-            if isinstance(target, int):
-                os.fchown(target, u, g)
-            else:
-                os.chown(name, u, g, dir_fd=pfd, follow_symlinks=False)
+            try:
+                if isinstance(target, int):
+                    os.fchown(target, u, g)
+                else:
+                    os.chown(name, u, g, dir_fd=pfd, follow_symlinks=False)
+            except PermissionError:
+                # xattr_permissions: an object that cannot carry the override keeps our
+                # owner when it may not be given, as in fuse-overlayfs.
+                if s.overrides is None or s.overrides.write is None:
+                    raise
         if mode is not None:
             if isinstance(target, int):
                 os.fchmod(target, stat.S_IMODE(mode))
@@ -124,6 +137,45 @@ class Attrs:
                 os.utime(target, ns=(atime_ns, mtime_ns))
             else:
                 os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    def _record(
+        self,
+        node: Node,
+        target: bytes | int,
+        pfd: int,
+        name: bytes,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+    ) -> bool:
+        """With ``xattr_permissions``, write a chown/chmod of the upper object ``target`` to
+        its override xattr (the parts not changed are those shown now); False when the mount
+        records nothing or the object cannot carry it (then the inode is changed)."""
+        ov = self.s.overrides
+        if ov is None or ov.write is None:
+            return False
+        xtarget: fdops.Target
+        if isinstance(target, int):
+            st, xtarget = os.fstat(target), target
+        elif pfd < 0:
+            st, xtarget = os.fstat(self.s.stack[UPPER].root_fd), self.s.stack[UPPER].root_fd
+        else:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            xtarget = fdops.at_path(pfd, name)
+        if not ov.can_record(st.st_mode):
+            return False
+        shown = ov.shown(UPPER, xtarget, st)
+        new_mode = shown.st_mode
+        if mode is not None:
+            new_mode = stat.S_IFMT(shown.st_mode) | stat.S_IMODE(mode)
+        ov.record(
+            xtarget,
+            shown.st_uid if uid is None else uid,
+            shown.st_gid if gid is None else gid,
+            new_mode,
+            shown.st_rdev,
+        )
+        return True
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         """The value of ``name`` on ``node``; a name of the mount's own overlay namespace is

@@ -26,7 +26,7 @@ import trio
 
 from unionfs import fdops, format
 from unionfs.fdops import RENAME_NOREPLACE, open_dir_at, renameat2
-from unionfs.fs import lookup
+from unionfs.fs import lookup, override
 from unionfs.fs import workdir as work
 from unionfs.fs.listing import index_set
 from unionfs.fs.nodes import UPPER, Node
@@ -109,7 +109,7 @@ class CopyUp:
         try:
             tmp_fd = open_dir_at(work_fd, tmp)
             try:
-                self.copy_meta(lower_fd, tmp_fd, st)
+                self.copy_meta(lower_fd, tmp_fd, st, layer=node.layer)
                 upper_st = os.fstat(tmp_fd)
             finally:
                 os.close(tmp_fd)
@@ -193,12 +193,35 @@ class CopyUp:
         with contextlib.suppress(OSError):
             os.removexattr(fd, s.names.impure)
 
-    def copy_meta(self, src: int, dst: int, st: os.stat_result, change: Change = NO_CHANGE) -> None:
-        """Owner, mode, xattrs, origin and times from ``src`` to ``dst`` (both open fds)."""
-        if st.st_uid != self.wd.euid or st.st_gid != self.wd.egid:  # else created with them
-            os.fchown(dst, st.st_uid, st.st_gid)
-        os.fchmod(dst, stat.S_IMODE(st.st_mode if change.mode is None else change.mode))
-        format.copy_xattrs(src, dst, self.s.opts.userxattr)
+    def copy_meta(
+        self, src: int, dst: int, st: os.stat_result, change: Change = NO_CHANGE, layer: int = -1
+    ) -> None:
+        """Owner, mode, xattrs, origin and times from ``src`` (an object of ``layer``) to
+        ``dst`` (both open fds). The owner and mode are those the mount showed: with
+        ``xattr_permissions`` they are recorded in the copy's override xattr
+        (:mod:`unionfs.fs.override`) and its inode keeps ours."""
+        ov = self.s.overrides
+        if ov is not None and layer >= 0:
+            shown = ov.shown(layer, src, st)
+            if ov.write is not None:
+                mode = shown.st_mode if change.mode is None else change.mode
+                format.copy_xattrs(src, dst, self.s.opts.userxattr)
+                ov.record(
+                    dst,
+                    shown.st_uid,
+                    shown.st_gid,
+                    stat.S_IFMT(shown.st_mode) | stat.S_IMODE(mode),
+                    shown.st_rdev,
+                )
+                os.fchmod(dst, override.real_mode(st.st_mode))
+                st = shown
+            else:
+                st = shown
+                self._copy_owner_mode(dst, st, change)
+                format.copy_xattrs(src, dst, self.s.opts.userxattr)
+        else:
+            self._copy_owner_mode(dst, st, change)
+            format.copy_xattrs(src, dst, self.s.opts.userxattr)
         if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
             # The kernel (index=off) records no origin for a copy-up that breaks a lower hard
             # link: the copy is a new inode from then on.
@@ -210,6 +233,11 @@ class CopyUp:
                 st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns,
             ),
         )
+
+    def _copy_owner_mode(self, dst: int, st: os.stat_result, change: Change) -> None:
+        if st.st_uid != self.wd.euid or st.st_gid != self.wd.egid:  # else created with them
+            os.fchown(dst, st.st_uid, st.st_gid)
+        os.fchmod(dst, stat.S_IMODE(st.st_mode if change.mode is None else change.mode))
 
     async def copy_up(self, node: Node, change: Change | None = None) -> bool:
         """Make ``node`` an upper object (no-op if it is one). Parents are copied first.
@@ -284,7 +312,7 @@ class CopyUp:
                         if change.size is not None and change.size != size:
                             os.ftruncate(dst, change.size)
                         copied = size
-                        self.copy_meta(src, dst, st, change)
+                        self.copy_meta(src, dst, st, change, layer)
                         if s.opts.fsync:
                             os.fsync(dst)
                         upper_st = os.fstat(dst)
@@ -298,7 +326,13 @@ class CopyUp:
                     os.symlink(target, tmp, dir_fd=work_fd)
                 else:
                     os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work_fd)
-                os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work_fd, follow_symlinks=False)
+                try:
+                    os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work_fd, follow_symlinks=False)
+                except PermissionError:
+                    # Only a regular file or a directory carries the override xattr; as
+                    # fuse-overlayfs, other copies keep our owner when it may not be given.
+                    if s.overrides is None or s.overrides.write is None:
+                        raise
                 src_path = fdops.at_path(lower_pfd, node.name)
                 dst_path = fdops.at_path(work_fd, tmp)
                 if not stat.S_ISLNK(st.st_mode):

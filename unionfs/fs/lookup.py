@@ -178,7 +178,7 @@ def resolve_attr(s: State, parent: Node, name: bytes) -> tuple[Node, Attr] | Non
     if found is None:
         return None
     node, st = found
-    return node, attr_of(node, st)
+    return node, attr_of(node, st, s)
 
 
 def resolve_cached(s: State, parent: Node, name: bytes) -> Node | None:
@@ -228,7 +228,7 @@ def lookup(s: State, parent_ino: int, name: bytes) -> tuple[Node, Attr | None] |
         return None
     node, st = found
     node = s.table.remember(node)
-    return node, attr_of(node, st)
+    return node, attr_of(node, st, s)
 
 
 def child(s: State, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
@@ -253,8 +253,17 @@ def lower_positive(s: State, parent: Node, name: bytes) -> bool:
 # -- attributes ------------------------------------------------------------------------------
 
 
-def attr_of(node: Node, st: os.stat_result) -> Attr:
-    """The attributes shown for ``node`` whose layer object has the stat ``st``."""
+def attr_of(node: Node, st: os.stat_result, s: State | None = None) -> Attr:
+    """The attributes shown for ``node`` whose layer object has the stat ``st``; with the
+    mount's state ``s``, an owner and mode kept in an xattr (:mod:`unionfs.fs.override`)
+    replace the object's."""
+    if s is not None and s.overrides is not None:
+        try:
+            target = s.table.xattr_target(node)
+        except OSError:
+            target = None
+        if target is not None:
+            st = s.overrides.shown(node.layer, target, st)
     nlink = st.st_nlink
     if node.is_dir and len(node.layers) > 1:
         # The kernel reports 1 for merged directories rather than counting subdirectories.
@@ -274,7 +283,8 @@ def attr(s: State, node: Node) -> Attr:
         if node.pinned < 0:
             raise err(errno.ESTALE)
         st = os.fstat(node.pinned)
-    return attr_of(node, st)
+        return attr_of(node, st)
+    return attr_of(node, st, s)
 
 
 def readlink(s: State, node: Node) -> bytes:

@@ -19,6 +19,7 @@ import trio
 from unionfs import format
 from unionfs.fs.events import Events
 from unionfs.fs.nodes import UPPER, Node, NodeTable, Origins, err, get_or_raise
+from unionfs.fs.override import Overrides
 from unionfs.layers import LayerStack
 from unionfs.stats import Stats
 
@@ -157,6 +158,9 @@ class State:
         # the copy-up side drops a stale impure mark there, as the kernel's readdir does.
         # None on a read-only mount.
         self.dir_listed: Callable[[Node, list[bytes]], None] | None = None
+        # Owner and mode kept in xattrs (xattr_permissions, containers-storage's layers):
+        # None when no layer carries them and the option is off (set by fs.union).
+        self.overrides: Overrides | None = None
 
     def use_userxattr(self) -> None:
         """Write markers in the ``user.overlay.*`` namespace (the kernel's ``userxattr``

@@ -29,6 +29,7 @@ from unionfs.fs.dirops import DirOps
 from unionfs.fs.events import Events
 from unionfs.fs.files import Files
 from unionfs.fs.nodes import UPPER, Node, NodeTable
+from unionfs.fs.override import Overrides, real_mode
 from unionfs.fs.state import Attr, Caller, State, err
 from unionfs.fs.workdir import Workdir
 from unionfs.layers import LayerStack
@@ -59,6 +60,12 @@ class Union:
             s.opts = dataclasses.replace(s.opts, writable=False)
         if self.workdir.trusted_refused and not s.opts.userxattr:
             s.use_userxattr()
+        try:
+            s.overrides = Overrides.probe(s.stack, cfg.xattr_permissions, s.opts.writable)
+        except BaseException:
+            self.close()
+            raise
+        self._own_ids = (os.geteuid(), os.getegid())
         self.copier = CopyUp(s, self.workdir)
         s.merged_dir_found = self.copier.fix_origin
         s.dir_listed = self.copier.drop_stale_impure
@@ -186,21 +193,54 @@ class Union:
         ACL. EROFS, EEXIST, ENOTDIR, EINVAL (a ``.wh.`` name), ENAMETOOLONG. Copies the
         parent up; a whiteout at the name is replaced."""
         io_flags = (flags & ~(os.O_APPEND | os.O_TRUNC | os.O_CREAT | os.O_EXCL)) | os.O_CLOEXEC
+        recording = self._recording(stat.S_IFREG)
+        made_mode = real_mode(stat.S_IFREG | mode) if recording else stat.S_IMODE(mode)
 
         def make(dir_fd: int, n: bytes) -> int:
             return os.open(
-                n,
-                io_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                stat.S_IMODE(mode),
-                dir_fd=dir_fd,
+                n, io_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, made_mode, dir_fd=dir_fd
             )
 
         with self.s.changing():
             node, st, fd = await self.dirops.new_entry(
-                parent_ino, name, False, make, uid, gid, mode=mode, umask=umask
+                parent_ino,
+                name,
+                False,
+                make,
+                *self._maker(recording, uid, gid),
+                mode=mode,
+                umask=umask,
             )
+            if recording:
+                self._record(node, uid, gid, stat.S_IFREG | (stat.S_IMODE(mode) & ~umask))
         assert fd is not None
-        return self.files.add_handle(fd, node, UPPER, flags), lookup.attr_of(node, st)
+        return self.files.add_handle(fd, node, UPPER, flags), lookup.attr_of(node, st, self.s)
+
+    def _recording(self, kind: int) -> bool:
+        """Whether a new object of type ``kind`` gets its owner and mode in an override
+        xattr (``xattr_permissions``) rather than in its inode."""
+        ov = self.s.overrides
+        return ov is not None and ov.can_record(kind)
+
+    def _maker(self, recording: bool, uid: int, gid: int) -> tuple[int, int]:
+        """The owner to give a new inode: ours when the owner goes to the
+        override xattr, or when the mount records owners and we may not give one."""
+        ov = self.s.overrides
+        if recording or (ov is not None and ov.write is not None and self._own_ids[0] != 0):
+            return self._own_ids
+        return uid, gid
+
+    def _record(self, node: Node, uid: int, gid: int, st_mode: int, rdev: int = 0) -> None:
+        """Write the override xattr of the new upper object ``node`` (owner ``uid``, the
+        group of a set-gid parent as shown, else ``gid``)."""
+        ov = self.s.overrides
+        assert ov is not None and node.parent is not None
+        parent = lookup.attr(self.s, node.parent).st
+        if parent.st_mode & stat.S_ISGID:
+            gid = parent.st_gid
+            if stat.S_ISDIR(st_mode):
+                st_mode |= stat.S_ISGID
+        ov.record(self.s.table.xattr_target(node), uid, gid, st_mode, rdev)
 
     async def mkdir(
         self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0
@@ -208,14 +248,25 @@ class Union:
         """Make a directory (errnos as :meth:`create`); over a whiteout it is made opaque
         (counted in ``opaque_dirs_created``)."""
 
+        recording = self._recording(stat.S_IFDIR)
+        made_mode = real_mode(stat.S_IFDIR | mode) if recording else stat.S_IMODE(mode)
+
         def make(dir_fd: int, n: bytes) -> None:
-            os.mkdir(n, stat.S_IMODE(mode), dir_fd=dir_fd)
+            os.mkdir(n, made_mode, dir_fd=dir_fd)
 
         with self.s.changing():
             node, st, _ = await self.dirops.new_entry(
-                parent_ino, name, True, make, uid, gid, mode=mode, umask=umask
+                parent_ino,
+                name,
+                True,
+                make,
+                *self._maker(recording, uid, gid),
+                mode=mode,
+                umask=umask,
             )
-        return lookup.attr_of(node, st)
+            if recording:
+                self._record(node, uid, gid, stat.S_IFDIR | (stat.S_IMODE(mode) & ~umask))
+        return lookup.attr_of(node, st, self.s)
 
     async def mknod(
         self,
@@ -231,15 +282,32 @@ class Union:
         device, which would be a whiteout in the upper (the kernel refuses it too)."""
         if stat.S_ISCHR(mode) and rdev == 0:
             raise err(errno.EPERM)
+        # With xattr_permissions a device is a regular file whose override names it (the
+        # extended form of containers-storage): no privilege is needed to make one.
+        device = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        recording = device and self._recording(stat.S_IFREG)
 
         def make(dir_fd: int, n: bytes) -> None:
-            os.mknod(n, mode, rdev, dir_fd=dir_fd)
+            if recording:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.close(os.open(n, flags, real_mode(stat.S_IFREG | mode), dir_fd=dir_fd))
+            else:
+                os.mknod(n, mode, rdev, dir_fd=dir_fd)
 
         with self.s.changing():
             node, st, _ = await self.dirops.new_entry(
-                parent_ino, name, False, make, uid, gid, mode=mode, umask=umask
+                parent_ino,
+                name,
+                False,
+                make,
+                *self._maker(recording, uid, gid),
+                mode=mode,
+                umask=umask,
             )
-        return lookup.attr_of(node, st)
+            if recording:
+                kind = stat.S_IFMT(mode)
+                self._record(node, uid, gid, kind | (stat.S_IMODE(mode) & ~umask), rdev)
+        return lookup.attr_of(node, st, self.s)
 
     async def symlink(
         self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int
@@ -250,8 +318,10 @@ class Union:
             os.symlink(target, n, dir_fd=dir_fd)
 
         with self.s.changing():
-            node, st, _ = await self.dirops.new_entry(parent_ino, name, False, make, uid, gid)
-        return lookup.attr_of(node, st)
+            node, st, _ = await self.dirops.new_entry(
+                parent_ino, name, False, make, *self._maker(False, uid, gid)
+            )
+        return lookup.attr_of(node, st, self.s)
 
     async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
         """A new name for ``ino``, which is copied up first; EPERM for a directory, else
@@ -259,7 +329,7 @@ class Union:
         node = self.s.node(ino)
         with self.s.changing():
             st = await self.dirops.link(node, new_parent_ino, new_name)
-        return lookup.attr_of(node, st)
+        return lookup.attr_of(node, st, self.s)
 
     async def unlink(self, parent_ino: int, name: bytes) -> None:
         """Remove a non-directory; EROFS, ENOENT, EISDIR. A whiteout is left where a lower
