@@ -355,6 +355,16 @@ def close_dirs(dirs: Iterable[OpenedDir]) -> None:
         d.close()
 
 
+def in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace other than the initial one (whose
+    uid_map maps every id to itself)."""
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            return f.read().split() != [b"0", b"0", b"4294967295"]
+    except OSError:
+        return False
+
+
 def validate(cfg: MountConfig) -> MountConfig:
     """Check the layer set and mountpoint; return a copy of ``cfg`` with its directories
     opened: ``lowers``, ``upper`` and ``workdir`` become :class:`OpenedDir` values
@@ -368,6 +378,9 @@ def validate(cfg: MountConfig) -> MountConfig:
         raise UsageError("upperdir and workdir must be given together")
     if not os.path.exists("/dev/fuse"):
         raise UnionfsError("/dev/fuse does not exist (is the fuse module loaded?)")
+    if cfg.dev and in_user_namespace():
+        # The kernel makes every mount of a user namespace nodev, whatever is asked.
+        raise UsageError("option dev: device files cannot be used by a mount in a user namespace")
     opened: list[OpenedDir] = []
     try:
         return _validate(cfg, opened)
