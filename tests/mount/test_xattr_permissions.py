@@ -201,6 +201,9 @@ def test_layers_written_by_containers_storage_show_their_recorded_owners(union) 
         assert stat.S_ISCHR(dev.st_mode) and dev.st_rdev == os.makedev(4, 1)
         assert (dev.st_uid, stat.S_IMODE(dev.st_mode)) == (100, 0o620)
         assert shown(m, "plain")["plain"][:2] == (100, 100)
+        listed = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(m)}
+        assert (listed["f"].st_uid, listed["f"].st_gid) == (105, 106)
+        assert stat.S_ISCHR(listed["dev"].st_mode)
         assert CONTAINERS not in os.listxattr(m / "f")
         with pytest.raises(OSError) as info:
             os.getxattr(m / "f", CONTAINERS)
