@@ -188,3 +188,27 @@ def test_what_a_user_namespace_forbids_is_a_one_line_error(tmp_path: Path) -> No
     line = one_line_failure(out)
     assert str(private) in line and "Permission denied" in line
     assert not os.path.ismount(d["mnt"])
+
+
+def test_xattr_permissions_records_mapped_owners_in_a_user_namespace(tmp_path: Path) -> None:
+    d = layers(tmp_path)
+    write(d["lower"] / "f", "f", mode=0o644)
+    os.chown(d["lower"] / "f", SUBID + 6, SUBID + 7)
+    opts = ("uidmapping=1:0:100", "gidmapping=1:0:100", "xattr_permissions=2")
+    out = userns(
+        f"""
+        {mount_cmd(d, *opts)}
+        cd {d["mnt"]}
+        chown 7:8 f; chmod 600 f; mkdir nd
+        stat -c '%n %u:%g %a' f nd
+        cd /; "$U" umount {d["mnt"]}
+        """,
+        SUBID_MAP,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["f 7:8 600", "nd 0:0 755"]
+    # Recorded as stored (namespace ids 8:9, 1:1); the inodes keep the namespace root's owner.
+    assert os.getxattr(d["upper"] / "f", "user.fuseoverlayfs.override_stat") == b"8:9:100600"
+    assert os.getxattr(d["upper"] / "nd", "user.fuseoverlayfs.override_stat") == b"1:1:40755"
+    assert os.lstat(d["upper"] / "f").st_uid == 0
+    assert os.getxattr(d["upper"], "user.fuseoverlayfs.override_stat").startswith(b"0:0:")
