@@ -114,10 +114,17 @@ def real_mode(st_mode: int) -> int:
     return (stat.S_IMODE(st_mode) & 0o777) | extra
 
 
+# Types a regular file may stand for (containers-storage keeps fifos and devices of a layer
+# as regular files when it may not make them); a symlink is never one.
+_STAND_INS = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
+
+
 def apply(st: os.stat_result, rec: Recorded) -> os.stat_result:
-    """``st`` with the owner, mode (and type and device, for the extended form) of ``rec``."""
-    kind = stat.S_IFMT(st.st_mode) if rec.kind is None else rec.kind
-    rdev = st.st_rdev if rec.kind is None else rec.rdev
+    """``st`` with the owner, mode (and, for a regular file whose extended value names a
+    device, fifo or socket, that type and device) of ``rec``."""
+    kind, rdev = stat.S_IFMT(st.st_mode), st.st_rdev
+    if rec.kind in _STAND_INS and kind == stat.S_IFREG:
+        kind, rdev = rec.kind, rec.rdev
     fields = list(st[:10])
     fields[0] = kind | rec.perm
     fields[4], fields[5] = rec.uid, rec.gid
