@@ -74,8 +74,11 @@ def layers(base: Path) -> dict[str, Path]:
 
 
 def mount_cmd(d: dict[str, Path], *opts: str) -> str:
+    """Mount the layers of ``d``; the mount is undone when the script ends however it ends
+    (the daemon would otherwise live on in the namespace, holding it)."""
     o = ",".join((f"lowerdir={d['lower']},upperdir={d['upper']},workdir={d['work']}", *opts))
-    return f'"$U" -o {o} {d["mnt"]}'
+    undo = f'cd /; "$U" umount {d["mnt"]} 2>/dev/null || true'
+    return f"trap '{undo}' EXIT; \"$U\" -o {o} {d['mnt']}"
 
 
 VIEW = "find . | sort; cat keep dd/n; stat -c '%n %u:%g %a %F' keep dd dd/n"
