@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,9 +115,18 @@ class Backend:
     def probe(self) -> None:
         """Fill ``available``/``note``/``version`` (cheap checks only)."""
 
-    def mount(self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool) -> None:
-        """Mount and return once the mount is ready."""
+    def mount_argv(
+        self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool
+    ) -> tuple[list[str], str | None]:
+        """The mount command and the directory it runs in (what a container engine runs)."""
         raise NotImplementedError
+
+    def mount(self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool) -> None:
+        """Run the mount command; for FUSE, return once the mountpoint is listed."""
+        argv, cwd = self.mount_argv(lowers, upper, work, mnt, fsync)
+        _run(argv, cwd=cwd)
+        if self.fuse:
+            _wait_mounted(str(mnt))
 
     def unmount(self, mnt: Path) -> None:
         """Unmount; wait for a FUSE daemon to exit."""
@@ -174,13 +184,15 @@ class KernelBackend(Backend):
         if os.geteuid() != 0:
             self.available, self.note = False, "needs root"
 
-    def mount(self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool) -> None:
+    def mount_argv(
+        self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool
+    ) -> tuple[list[str], str | None]:
         """mount -t overlay with lowerdir relative to the layers' parent (page-size limit)."""
         lower, cwd = _lowerdir(lowers)
         opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
         if not fsync:
             opts += ",volatile"
-        _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], cwd=cwd)
+        return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], cwd
 
     def _unmount(self, mnt: Path) -> None:
         _run(["umount", str(mnt)])
@@ -206,14 +218,15 @@ class FuseOverlayfsBackend(Backend):
             if line.startswith("fuse-overlayfs"):
                 self.version = line.strip()
 
-    def mount(self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool) -> None:
+    def mount_argv(
+        self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool
+    ) -> tuple[list[str], str | None]:
         """``fuse-overlayfs -o lowerdir=..,upperdir=..,workdir=..[,fsync=0] MNT``."""
         lower, cwd = _lowerdir(lowers)
         opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
         if not fsync:
             opts += ",fsync=0"
-        _run([self.binary, "-o", opts, str(mnt)], cwd=cwd)
-        _wait_mounted(str(mnt))
+        return [self.binary, "-o", opts, str(mnt)], cwd
 
 
 class UnionfsBackend(Backend):
@@ -230,13 +243,14 @@ class UnionfsBackend(Backend):
             return
         self.version = _version([self.binary, "--version"])
 
-    def mount(self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool) -> None:
+    def mount_argv(
+        self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool
+    ) -> tuple[list[str], str | None]:
         """Absolute lowerdir paths; ``-o fsync=0`` for the no-fsync policy."""
         opts = f"lowerdir={':'.join(str(p) for p in lowers)},upperdir={upper},workdir={work}"
         if not fsync:
             opts += ",fsync=0"
-        _run([self.binary, "-o", opts, str(mnt)])
-        _wait_mounted(str(mnt))
+        return [self.binary, "-o", opts, str(mnt)], None
 
     def _unmount(self, mnt: Path) -> None:
         try:
@@ -269,15 +283,45 @@ class UnionfsFuseBackend(Backend):
             return
         self.note = "own whiteout format: ignores kernel whiteouts/opaque dirs; no fsync option"
 
-    def mount(self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool) -> None:
+    def mount_argv(
+        self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool
+    ) -> tuple[list[str], str | None]:
         """``unionfs -o cow U=RW:L1=RO:... MNT`` (workdir unused)."""
         branches = ":".join([f"{upper}=RW"] + [f"{p}=RO" for p in lowers])
-        _run([self.binary, "-o", "cow", branches, str(mnt)])
-        _wait_mounted(str(mnt))
+        return [self.binary, "-o", "cow", branches, str(mnt)], None
 
 
-ALL_BACKENDS = ("kernel", "fuse-overlayfs", "unionfs", "unionfs-fuse")
-DEFAULT_BACKENDS = ("kernel", "fuse-overlayfs", "unionfs")
+class BareBackend(Backend):
+    """No union at all: the floor a bare syscall loop reaches on the upper's filesystem.
+
+    The lower layers are copied (bottom first, untimed) into the upper, which is then
+    bind-mounted on the mountpoint, so the workload sees the same names and runs its system
+    calls straight on the upper's filesystem.  Only for workloads marked ``floor`` (small
+    fixtures without whiteouts); it has no mount time of its own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(name="bare", fuse=False)
+
+    def probe(self) -> None:
+        """Needs root for the bind mount."""
+        self.version = "bind mount of the upper directory"
+        if os.geteuid() != 0:
+            self.available, self.note = False, "needs root"
+
+    def mount(self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool) -> None:
+        """Copy the layers into the upper, bottom first, then bind-mount it."""
+        for layer in reversed(lowers):
+            _run(["cp", "-a", "--", f"{layer}/.", str(upper)])
+        _run(["mount", "--bind", str(upper), str(mnt)])
+
+    def _unmount(self, mnt: Path) -> None:
+        _run(["umount", str(mnt)])
+
+
+ALL_BACKENDS = ("kernel", "fuse-overlayfs", "unionfs", "unionfs-fuse", "bare")
+DEFAULT_BACKENDS = ("kernel", "fuse-overlayfs", "unionfs", "bare")
+FLOOR_BACKENDS = ("bare",)  # run only the workloads marked ``floor``
 
 
 def make_backend(name: str, unionfs_bin: str | None = None) -> Backend:
@@ -290,6 +334,8 @@ def make_backend(name: str, unionfs_bin: str | None = None) -> Backend:
         return UnionfsBackend(unionfs_bin)
     if name == "unionfs-fuse":
         return UnionfsFuseBackend()
+    if name == "bare":
+        return BareBackend()
     raise ValueError(f"unknown backend {name!r} (choose from {', '.join(ALL_BACKENDS)})")
 
 
@@ -313,6 +359,57 @@ class MountTracker:
         t0 = time.perf_counter()
         backend.mount(lowers, upper, work, mnt, fsync)
         seconds = time.perf_counter() - t0
+        if backend.fuse:
+            pid = find_daemon_pid(str(mnt))
+            if pid:
+                backend.daemon_pids[str(mnt)] = pid
+        return seconds
+
+    def mount_ready(
+        self,
+        backend: Backend,
+        lowers: list[Path],
+        upper: Path,
+        work: Path,
+        mnt: Path,
+        fsync: bool,
+        known: str,
+    ) -> float:
+        """Seconds from starting the mount command to the mount being usable.
+
+        Usable: the mountpoint's ``st_dev`` has changed and ``stat`` of ``known`` (a file of
+        the bottom layer, relative to the mountpoint) answers.  Polled every 0.2 ms from here,
+        without waiting for the command to exit (a daemonizing program's parent may exit
+        before or after the mount is ready).
+        """
+        argv, cwd = backend.mount_argv(lowers, upper, work, mnt, fsync)
+        before = os.stat(mnt).st_dev
+        target = os.path.join(mnt, known)
+        self.live.append((backend, mnt))
+        t0 = time.perf_counter()
+        with tempfile.TemporaryFile() as errf:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf
+            )
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if os.stat(mnt).st_dev != before:
+                        os.stat(target)
+                        seconds = time.perf_counter() - t0
+                        break
+                except OSError:
+                    pass
+                if proc.poll() not in (None, 0) or time.monotonic() > deadline:
+                    errf.seek(0)
+                    err = errf.read().decode(errors="replace").strip()[-300:]
+                    raise MountError(f"{argv[0]} not ready (exit {proc.poll()}): {err}")
+                time.sleep(0.0002)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a foreground daemon: it serves until unmounted
+                pass
         if backend.fuse:
             pid = find_daemon_pid(str(mnt))
             if pid:

@@ -52,6 +52,12 @@ class Scale:
     rename_files: int = 1000
     mem_files: int = 100_000
     samples: int = 5
+    # container workloads (issue 14)
+    rt_ops: int = 20_000  # round trips per sample
+    xattr_entries: int = 24_000  # entries of the xattr-walk tree, over its lower layers
+    ready_depths: tuple[int, ...] = (1, 10, 100, 500)
+    usr_files: int = 8000  # the populated /usr of the package-unpack lower layer
+    pkg_files: int = 2000  # files of the unpacked package (60% replace lower files)
 
 
 FULL = Scale(
@@ -89,6 +95,11 @@ QUICK = Scale(
     rename_files=200,
     mem_files=10_000,
     samples=3,
+    rt_ops=3000,
+    xattr_entries=4000,
+    ready_depths=(1, 10, 100),
+    usr_files=1500,
+    pkg_files=400,
 )
 
 
@@ -201,6 +212,21 @@ class FixtureCache:
         """A flat-ish tree of ``mem_files`` empty files for the daemon memory workload."""
         params = {"files": self.scale.mem_files, "per_dir": 100}
         return self._get("mem", params, lambda tmp: _build_mem(tmp, params))
+
+    def rt(self) -> Fixture:
+        """Two small layers for the round trips (no whiteouts: ``bare`` copies them)."""
+        params = {"files": 100}
+        return self._get("rt", params, lambda tmp: _build_rt(tmp, params))
+
+    def xtree(self) -> Fixture:
+        """An image-like tree of ``xattr_entries`` entries in 3 layers, and an upper seed."""
+        params = {"entries": self.scale.xattr_entries, "seed": 11, "copied_up_every": 20}
+        return self._get("xtree", params, lambda tmp: _build_xtree(tmp, params))
+
+    def usr(self) -> Fixture:
+        """A lower layer with a populated /usr, and the manifest of a package to unpack on it."""
+        params = {"files": self.scale.usr_files, "pkg": self.scale.pkg_files, "seed": 13}
+        return self._get("usr", params, lambda tmp: _build_usr(tmp, params))
 
     def untar(self) -> Fixture:
         """A tarball of ``untar_files`` small files (no layers of its own)."""
@@ -372,6 +398,133 @@ def _build_untar(tmp: Path, p: dict[str, Any]) -> dict[str, Any]:
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
     return {"layers": [], "tarball": "files.tar", "files": p["files"]}
+
+
+def _build_rt(tmp: Path, p: dict[str, Any]) -> dict[str, Any]:
+    """``rt/file`` to stat, ``rt/lower/`` with files (negative lookups miss in both layers)."""
+    for layer in ("0", "1"):
+        d = tmp / "layers" / layer / "rt" / "lower"
+        d.mkdir(parents=True)
+        for i in range(p["files"] // 2):
+            (d / f"l{layer}-{i:04d}").write_bytes(b"r" * 100)
+    (tmp / "layers" / "1" / "rt" / "file").write_bytes(b"f" * 4096)
+    return {"layers": ["0", "1"], "file": "rt/file", "dir": "rt/lower"}
+
+
+# A file capability as setcap writes it (VFS_CAP_REVISION_2, effective, cap_net_raw).
+_CAP_XATTR = "security.capability"
+_CAP_VALUE = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
+
+def _build_xtree(tmp: Path, p: dict[str, Any]) -> dict[str, Any]:
+    """Image-like layers: a big base, two smaller layers over it; an upper with copy-ups.
+
+    About 6% of the entries are directories, 3% symlinks, a few files carry a
+    ``security.capability`` (as ``ping`` does) or a ``user.`` xattr; the upper layers replace
+    and white out some base files.  ``upper/`` is an upper directory in which every
+    ``copied_up_every``-th visible file was copied up (data and xattrs kept, mode changed),
+    as a container that changed files leaves it; each sample starts from a copy of it.
+    """
+    rng = random.Random(p["seed"])
+    total = p["entries"]
+    ndirs = max(4, total // 16)
+    layers = [tmp / "layers" / str(i) for i in range(3)]  # 0 = top
+    for layer in layers:
+        layer.mkdir(parents=True)
+    dirs = ["usr"]
+    base = layers[2]
+    (base / "usr").mkdir()
+    for i in range(ndirs - 1):
+        parent = rng.choice(dirs)
+        d = f"{parent}/d{i:05d}"
+        (base / d).mkdir()
+        dirs.append(d)
+    payload = rng.randbytes(8192)
+    files: list[str] = []
+    nfiles = total - ndirs
+    for i in range(nfiles):
+        d = rng.choice(dirs)
+        name = f"{d}/f{i:06d}"
+        if i % 33 == 0 and files:
+            os.symlink(f"/{rng.choice(files)}", base / name)
+        else:
+            (base / name).write_bytes(payload[: rng.randrange(0, 8192)])
+            if i % 401 == 0:
+                os.setxattr(base / name, _CAP_XATTR, _CAP_VALUE)
+            elif i % 97 == 0:
+                os.setxattr(base / name, "user.bench", b"1")
+        files.append(name)
+    # upper layers: replace some base files, add some, white out some
+    whiteouts = 0
+    for li in (1, 0):
+        layer = layers[li]
+        for name in rng.sample(files, max(1, nfiles // 20)):
+            if os.path.islink(base / name):
+                continue
+            (layer / name).parent.mkdir(parents=True, exist_ok=True)
+            if rng.random() < 0.1:
+                if not (layer / name).exists():
+                    _whiteout(layer / name)
+                    whiteouts += 1
+            else:
+                (layer / name).write_bytes(payload[: rng.randrange(0, 4096)])
+    # the upper seed: copy-ups of every n-th visible regular file
+    upper = tmp / "upper"
+    upper.mkdir()
+    copied = 0
+    for name in files[:: p["copied_up_every"]]:
+        src = next((layer / name for layer in layers if os.path.lexists(layer / name)), None)
+        if src is None or not stat.S_ISREG(os.lstat(src).st_mode):
+            continue
+        parts = name.split("/")
+        for k in range(1, len(parts)):
+            d = "/".join(parts[:k])
+            if not (upper / d).exists():
+                (upper / d).mkdir()
+                shutil.copystat(base / d, upper / d)
+        shutil.copy2(src, upper / name)
+        os.chmod(upper / name, 0o600)
+        copied += 1
+    return {
+        "layers": [0, 1, 2],
+        "upper_seed": "upper",
+        "entries": total,
+        "dirs": ndirs,
+        "whiteouts": whiteouts,
+        "copied_up": copied,
+    }
+
+
+def _build_usr(tmp: Path, p: dict[str, Any]) -> dict[str, Any]:
+    """A Debian-like /usr in one layer; a package of ``pkg`` files, 60% of them upgrades."""
+    rng = random.Random(p["seed"])
+    root = tmp / "layers" / "0"
+    top = ["usr/bin", "usr/lib/x86_64-linux-gnu", "usr/share/doc", "usr/share/man/man1"]
+    dirs = list(top)
+    for d in top:
+        (root / d).mkdir(parents=True)
+    for i in range(max(4, p["files"] // 25)):
+        d = f"{rng.choice(top[1:])}/pkg{i:04d}"
+        (root / d).mkdir()
+        dirs.append(d)
+    payload = rng.randbytes(16384)
+    files = []
+    for i in range(p["files"]):
+        name = f"{rng.choice(dirs)}/u{i:05d}"
+        (root / name).write_bytes(payload[: rng.randrange(0, 16384)])
+        files.append(name)
+    npkg = p["pkg"]
+    upgrades = rng.sample(files, int(npkg * 0.6))
+    new_dirs = [f"usr/share/newpkg/d{i:02d}" for i in range(max(1, npkg // 100))]
+    new = [f"{rng.choice(new_dirs + dirs)}/n{i:05d}" for i in range(npkg - len(upgrades))]
+    manifest = {
+        "new_dirs": ["usr/share/newpkg"] + new_dirs,
+        "files": [[n, rng.randrange(0, 16384), True] for n in upgrades]
+        + [[n, rng.randrange(0, 16384), False] for n in new],
+    }
+    rng.shuffle(manifest["files"])
+    (tmp / "package.json").write_text(json.dumps(manifest))
+    return {"layers": [0], "manifest": "package.json", "usr_files": len(files), "pkg_files": npkg}
 
 
 def describe(fx: Fixture) -> dict[str, Any]:

@@ -33,8 +33,11 @@ def build_rows(
     backends: list[str],
     samples: dict[tuple[str, str, str], list[dict[str, Any]]],
     errors: dict[tuple[str, str, str], str],
+    requests: dict[tuple[str, str, str], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (workload, variant): per-backend stats and ratios to the references."""
+    """One row per (workload, variant): per-backend stats and ratios to the references
+    (and the FUSE requests per operation, where they were counted)."""
+    requests = requests or {}
     rows = []
     for w in workloads:
         for v in variants[w.key]:
@@ -45,6 +48,7 @@ def build_rows(
                 "kind": w.kind,
                 "variant": v,
                 "x": w.x,
+                "suite": w.suite,
                 "backends": {},
             }
             for b in backends:
@@ -60,6 +64,8 @@ def build_rows(
                     stats["extra"] = extra
                 if (w.key, v, b) in errors:
                     stats["error"] = errors[(w.key, v, b)]
+                if (w.key, v, b) in requests:
+                    stats["requests"] = requests[(w.key, v, b)]
                 row["backends"][b] = stats
             for b in backends:
                 med = row["backends"][b]["median"]
@@ -231,8 +237,12 @@ def _cell(stats: dict[str, Any], kind: str) -> str:
     return cell
 
 
+FLOOR = ("bare",)
+
+
 def results_table(rows: list[dict[str, Any]], backends: list[str]) -> str:
     """The main markdown table: medians (min–max) per backend and ratios."""
+    backends = [b for b in backends if b not in FLOOR]
     ratio_cols = [(b, "kernel") for b in backends if b != "kernel" and "kernel" in backends]
     ratio_cols += [
         (b, "fuse-overlayfs")
@@ -248,6 +258,64 @@ def results_table(rows: list[dict[str, Any]], backends: list[str]) -> str:
         for b, ref in ratio_cols:
             ratio = r["backends"][b].get("ratio", {}).get(ref)
             cells.append("–" if ratio is None else f"{ratio:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _us(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _req_cell(stats: dict[str, Any]) -> str:
+    req = stats.get("requests")
+    if not req:
+        return "–"
+    parts = sorted(req["by_op"].items(), key=lambda kv: -kv[1])
+    top = ", ".join(f"{k} {v:.2g}" for k, v in parts[:6] if v >= 0.01)
+    return f"{req['per_op']:.2f}" + (f" ({top})" if top else "")
+
+
+def roundtrip_table(rows: list[dict[str, Any]], backends: list[str]) -> str:
+    """Round trips: one row per backend (the bare floor first), µs per op, ratio to
+    fuse-overlayfs and FUSE requests per op for each round-trip workload."""
+    rts = [r for r in rows if r["group"] == "roundtrip"]
+    if not rts:
+        return ""
+    order = [b for b in FLOOR if b in backends] + [b for b in backends if b not in FLOOR]
+    head = ["backend"]
+    for r in rts:
+        head += [f"{r['workload']} µs/op", "/ f-o", "requests/op"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in order:
+        cells = [b + (" (floor)" if b in FLOOR else "")]
+        for r in rts:
+            st = r["backends"].get(b, {})
+            ratio = st.get("ratio", {}).get("fuse-overlayfs")
+            cells += [
+                "error" if st.get("error") else _us(st.get("per_op_us")),
+                "–" if ratio is None else f"{ratio:.2f}",
+                _req_cell(st),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def requests_table(rows: list[dict[str, Any]], backends: list[str]) -> str:
+    """FUSE requests per operation of every counted container workload, per FUSE backend."""
+    counted = [
+        r
+        for r in rows
+        if r["group"] != "roundtrip" and any(st.get("requests") for st in r["backends"].values())
+    ]
+    if not counted:
+        return ""
+    fuse = [b for b in backends if any(r["backends"].get(b, {}).get("requests") for r in counted)]
+    head = ["workload", "variant", *[f"{b} requests/op (top opcodes)" for b in fuse]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in counted:
+        cells = [r["title"], r["variant"]] + [_req_cell(r["backends"].get(b, {})) for b in fuse]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -302,6 +370,22 @@ def markdown(report: dict[str, Any], plots: dict[str, str], title: str) -> str:
         out += ["", "_Quick mode: smaller fixtures, so the targets are indicative only._"]
     out += ["", "## Results", ""]
     out.append(results_table(report["results"], backends))
+    rt = roundtrip_table(report["results"], backends)
+    if rt:
+        out += ["", "## Round trips", ""]
+        out.append(
+            "Cost of one operation as a program sees it (median µs per op), its ratio to "
+            "fuse-overlayfs, and the FUSE requests each op sent, counted in one extra untimed "
+            "sample with the kernel's `fuse:fuse_request_send` tracepoint (`perf stat`, "
+            "filtered on the mount's connection). `bare` is the floor: the same system calls "
+            "on a plain directory of the upper's filesystem (no union). `rt_getattr` uses "
+            "`statx(AT_STATX_FORCE_SYNC)`, which always reaches a FUSE daemon; `rt_fstat` "
+            "may be answered from the kernel's attribute cache."
+        )
+        out += ["", rt]
+    req = requests_table(report["results"], backends)
+    if req:
+        out += ["", "## FUSE requests per operation", "", req]
     out += ["", "## Workloads", ""]
     out.append(
         "Variants of write workloads: `disk` = upper on the fixture filesystem with the default "
@@ -416,6 +500,56 @@ def plots(report: dict[str, Any], outdir: Path, stem: str = "") -> dict[str, Pat
         save(fig, "mount", "mount time vs layer count")
     else:
         plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    drew = False
+    for b in backends:
+        pts = _series(rows, "mountready_", "-", b)
+        if pts:
+            drew = True
+            ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=b)
+    if drew:
+        ax.set(xscale="log", yscale="log", xlabel="layers", ylabel="ms")
+        ax.set_title("mount, argv to usable")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        save(fig, "ready", "mount time (argv to usable) vs layer count")
+    else:
+        plt.close(fig)
+
+    groups = [
+        ("roundtrip", "µs per op", "round trips"),
+        ("xattr", "s", "xattr walks"),
+        ("unpack", "s", "package unpack"),
+    ]
+    present = [g for g in groups if any(r["group"] == g[0] for r in rows)]
+    if present:
+        fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
+        for ax, (group, unit, title) in zip(axes[0], present):
+            grows = [r for r in rows if r["group"] == group]
+            labels = [
+                r["workload"] + (f"\n{r['variant']}" if r["variant"] != "-" else "") for r in grows
+            ]
+            shown = [
+                b for b in backends if any(r["backends"].get(b, {}).get("median") for r in grows)
+            ]
+            width = 0.8 / max(1, len(shown))
+            for k, b in enumerate(shown):
+                vals = []
+                for r in grows:
+                    st = r["backends"].get(b, {})
+                    if group == "roundtrip":
+                        vals.append(st.get("per_op_us") or 0)
+                    else:
+                        vals.append(st.get("median") or 0)
+                xs = [i + k * width for i in range(len(grows))]
+                ax.bar(xs, vals, width, label=b)
+            ax.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(grows))])
+            ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+            ax.set(ylabel=unit, title=title)
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, "container", "container workloads (round trips, xattr walks, unpack)")
     return made
 
 

@@ -26,10 +26,12 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import fusecount
 from benchmarks import report as rep
 from benchmarks.backends import (
     ALL_BACKENDS,
     DEFAULT_BACKENDS,
+    FLOOR_BACKENDS,
     Backend,
     MountError,
     MountTracker,
@@ -152,6 +154,9 @@ class Harness:
         self.backends: list[Backend] = [make_backend(n, args.unionfs_bin) for n in args.backends]
         self.samples_by: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         self.errors: dict[tuple[str, str, str], str] = {}
+        self.requests: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.count_note = ""
+        self.podman: Any = None  # benchmarks.podman.PodmanSuite, made when a podman row runs
         self.counter = 0
         self.interrupted = False
         self.reduced = False
@@ -168,6 +173,8 @@ class Harness:
 
     def cleanup(self) -> None:
         """Unmount everything, remove the run dir; never raises."""
+        if self.podman is not None:
+            self.podman.cleanup()
         self.tracker.unmount_all()
         try:
             safe_rmtree(self.run_dir)
@@ -203,6 +210,15 @@ class Harness:
                 safe_rmtree(trial)
 
     # -- one sample --------------------------------------------------------------------------
+    def runs_on(self, w: Workload, b: Backend) -> bool:
+        """Floor backends run only the workloads marked ``floor``; podman needs a mount program
+        (or the kernel, as podman's native overlay driver)."""
+        if b.name in FLOOR_BACKENDS:
+            return w.floor
+        if w.kind == "podman":
+            return b.name in ("kernel", "fuse-overlayfs", "unionfs")
+        return True
+
     @contextlib.contextmanager
     def mounted(self, b: Backend, w: Workload, v: Variant) -> Iterator[tuple[Path, float]]:
         """Fresh upper/workdir, mount, yield (mountpoint, mount seconds), unmount, remove."""
@@ -212,8 +228,18 @@ class Harness:
         upper.mkdir(parents=True)
         work.mkdir()
         lowers = self.fixtures.lowers(w)
+        if w.params.get("seed_upper"):
+            fx = self.fixtures.get(w.fixture)
+            subprocess.run(
+                ["cp", "-a", "--", f"{fx.root / fx.info['upper_seed']}/.", str(upper)], check=True
+            )
         try:
-            seconds = self.tracker.mount(b, lowers, upper, work, mnt, v.fsync)
+            if w.kind == "ready":
+                known = Path(self.fixtures.get(w.fixture).list_path("lookup"))
+                first = known.read_text().split("\n", 1)[0]
+                seconds = self.tracker.mount_ready(b, lowers, upper, work, mnt, v.fsync, first)
+            else:
+                seconds = self.tracker.mount(b, lowers, upper, work, mnt, v.fsync)
             yield mnt, seconds
         finally:
             self.tracker.unmount(mnt)
@@ -221,25 +247,55 @@ class Harness:
             if w.write:
                 os.sync()
 
+    @staticmethod
+    def _worker(spec: dict[str, Any], wrap: Any = None) -> dict[str, Any]:
+        argv = [sys.executable, str(WORKER), json.dumps(spec)]
+        proc = subprocess.run(
+            wrap(argv) if wrap else argv,
+            capture_output=True,
+            text=True,
+            timeout=WORKER_TIMEOUT,
+            check=False,
+        )
+        if proc.returncode != 0:
+            tail = " | ".join(proc.stderr.strip().splitlines()[-2:])
+            raise RuntimeError(f"worker exited {proc.returncode}: {tail}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def count_requests(self, b: Backend, w: Workload, v: Variant) -> None:
+        """One extra, untimed sample under ``perf stat``: FUSE requests per operation."""
+        with self.mounted(b, w, v) as (mnt, _):
+            if w.cold:
+                drop_caches()
+            counter = fusecount.RequestCounter(mnt)
+            try:
+                spec = {**self.fixtures.spec(w, mnt), **counter.spec()}
+                res = self._worker(spec, counter.wrap)
+                got = counter.result()
+            finally:
+                counter.close()
+        ops = max(1, int(res["ops"]))
+        self.requests[(w.key, v.key, b.name)] = {
+            "ops": ops,
+            "total": got["total"],
+            "per_op": got["total"] / ops,
+            "by_op": {k: n / ops for k, n in got["by_op"].items()},
+        }
+
     def sample(self, b: Backend, w: Workload, v: Variant) -> dict[str, Any]:
         """Run one sample; returns ``{"value": .., "ops": .., "extra": ..}``."""
+        if w.kind == "podman":
+            if self.podman is None:
+                from benchmarks.podman import PodmanSuite
+
+                self.podman = PodmanSuite(self.run_dir / "podman", self.scale, log)
+            return self.podman.sample(b, w.key)
         with self.mounted(b, w, v) as (mnt, mount_seconds):
-            if w.kind == "mount":
+            if w.kind in ("mount", "ready"):
                 return {"value": mount_seconds, "ops": 1}
             if w.cold:
                 drop_caches()
-            spec = self.fixtures.spec(w, mnt)
-            proc = subprocess.run(
-                [sys.executable, str(WORKER), json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                timeout=WORKER_TIMEOUT,
-                check=False,
-            )
-            if proc.returncode != 0:
-                tail = " | ".join(proc.stderr.strip().splitlines()[-2:])
-                raise RuntimeError(f"worker exited {proc.returncode}: {tail}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res = self._worker(self.fixtures.spec(w, mnt))
             if w.kind == "rss":
                 pid = b.daemon_pids.get(str(mnt))
                 rss = rss_bytes(pid) if pid else None
@@ -262,12 +318,22 @@ class Harness:
         plan = self.plan()
         self.setup(need_tmpfs=any(v.tmpfs for _, v in plan))
         for name in dict.fromkeys(w.fixture for w, _ in plan):
+            if name == "podman":
+                continue
             self.fixtures.get(name)
             if name == "untar":
                 self.fixtures.get("tree")
         self.probe_backends()
         live = [b for b in self.backends if b.available]
-        progress = Progress(len(plan) * self.samples * len(live), not self.args.no_progress)
+        counting = [w for w, _ in plan if w.count] and not self.args.no_count
+        if counting:
+            why = fusecount.unavailable()
+            if why:
+                self.count_note = f"requests not counted: {why}"
+                log(self.count_note)
+                counting = False
+        total = sum(len([b for b in live if self.runs_on(w, b)]) for w, _ in plan)
+        progress = Progress(total * self.samples, not self.args.no_progress)
         deadline = self.args.start + self.args.max_seconds if self.args.max_seconds else None
         t_sampling, done_samples = time.monotonic(), 0
         try:
@@ -280,10 +346,12 @@ class Harness:
                     nsamples = max(1, min(self.samples, fit))
                     if nsamples < self.samples:
                         self.reduced = True
-                        progress.total -= (self.samples - nsamples) * len(live)
+                        nlive = len([b for b in live if self.runs_on(w, b)])
+                        progress.total -= (self.samples - nsamples) * nlive
+                wlive = [b for b in live if self.runs_on(w, b)]
                 for i in range(nsamples):
-                    k = i % len(live) if live else 0
-                    for b in live[k:] + live[:k]:
+                    k = i % len(wlive) if wlive else 0
+                    for b in wlive[k:] + wlive[:k]:
                         label = f"{w.key} {v.key} {b.name} #{i + 1}"
                         progress.update(label)
                         key = (w.key, v.key, b.name)
@@ -304,6 +372,22 @@ class Harness:
                             progress.message(f"error: {label}: {exc}")
                         done_samples += 1
                         progress.update(label, 1)
+                if counting and w.count:
+                    for b in wlive:
+                        key = (w.key, v.key, b.name)
+                        if not b.fuse or key in self.errors:
+                            continue
+                        progress.update(f"{w.key} {v.key} {b.name} counting requests")
+                        try:
+                            self.count_requests(b, w, v)
+                        except (
+                            MountError,
+                            RuntimeError,
+                            OSError,
+                            subprocess.SubprocessError,
+                            ValueError,
+                        ) as exc:
+                            progress.message(f"error: counting {w.key} {b.name}: {exc}")
         except KeyboardInterrupt:
             self.interrupted = True
             progress.message("interrupted: writing partial results")
@@ -318,7 +402,9 @@ class Harness:
         for w, v in plan:
             variants.setdefault(w.key, []).append(v.key)
         names = [b.name for b in self.backends if b.available]
-        rows = rep.build_rows(workloads, variants, names, self.samples_by, self.errors)
+        rows = rep.build_rows(
+            workloads, variants, names, self.samples_by, self.errors, self.requests
+        )
         versions = {b.name: b.version for b in self.backends}
         meta = {
             "mode": self.scale.name,
@@ -327,6 +413,8 @@ class Harness:
             "duration_s": time.time() - started,
             "interrupted": self.interrupted,
             "samples_reduced_for_time": self.reduced,
+            "request_counts": self.count_note
+            or ("perf stat, fuse:fuse_request_send" if self.requests else ""),
             "argv": sys.argv[1:],
             "subject": self.args.subject,
             "cache": str(self.cache),
@@ -383,6 +471,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default 2.8 with --quick, none otherwise",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--no-count",
+        action="store_true",
+        help="do not count FUSE requests (one extra perf-stat sample per counted workload)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list workloads and exit")
     p.add_argument(

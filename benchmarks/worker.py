@@ -211,6 +211,165 @@ def op_walk(spec: dict[str, Any]) -> Callable[[], int]:
     return run
 
 
+# -- container workloads (issue 14) ------------------------------------------------------------
+
+
+def op_rt_fstat(spec: dict[str, Any]) -> Callable[[], int]:
+    """``fstat`` of one open file, ``count`` times: what a program sees (the kernel may cache)."""
+    count = int(spec["count"])
+    fd = os.open(spec["file"], os.O_RDONLY)
+    fstat = os.fstat
+
+    def run() -> int:
+        for _ in range(count):
+            fstat(fd)
+        return count
+
+    return run
+
+
+_AT_EMPTY_PATH, _AT_STATX_FORCE_SYNC, _STATX_BASIC_STATS = 0x1000, 0x2000, 0x7FF
+
+
+def op_rt_getattr(spec: dict[str, Any]) -> Callable[[], int]:
+    """``statx(fd, "", AT_EMPTY_PATH | AT_STATX_FORCE_SYNC)``: one GETATTR round trip each.
+
+    FORCE_SYNC makes a FUSE mount ask the daemon whatever its attribute timeout; on a local
+    filesystem it is a plain ``fstat``.
+    """
+    import ctypes
+
+    count = int(spec["count"])
+    libc = ctypes.CDLL(None, use_errno=True)
+    statx = libc.statx
+    statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    buf = ctypes.create_string_buffer(256)
+    fd = os.open(spec["file"], os.O_RDONLY)
+    flags, mask = _AT_EMPTY_PATH | _AT_STATX_FORCE_SYNC, _STATX_BASIC_STATS
+    if statx(fd, b"", flags, mask, buf) != 0:
+        raise OSError(ctypes.get_errno(), "statx")
+
+    def run() -> int:
+        for _ in range(count):
+            statx(fd, b"", flags, mask, buf)
+        return count
+
+    return run
+
+
+def op_rt_neglookup(spec: dict[str, Any]) -> Callable[[], int]:
+    """``lstat`` of ``count`` distinct missing names in a lower dir (never a negative-cache hit)."""
+    count = int(spec["count"])
+    names = [f"{spec['dir']}/missing-{os.getpid()}-{i}" for i in range(count)]
+    lstat = os.lstat
+
+    def run() -> int:
+        for n in names:
+            try:
+                lstat(n)
+            except FileNotFoundError:
+                pass
+            else:
+                raise RuntimeError(f"{n} exists")
+        return count
+
+    return run
+
+
+def op_rt_create(spec: dict[str, Any]) -> Callable[[], int]:
+    """create (O_EXCL) + write 100 bytes + close, ``count`` files in one new directory."""
+    count = int(spec["count"])
+    os.mkdir("rt-create")
+    names = [f"rt-create/c{i}" for i in range(count)]
+    payload = b"c" * 100
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+    o_open, o_write, o_close = os.open, os.write, os.close
+
+    def run() -> int:
+        for n in names:
+            fd = o_open(n, flags, 0o644)
+            o_write(fd, payload)
+            o_close(fd)
+        return count
+
+    return run
+
+
+def op_xwalk(spec: dict[str, Any]) -> Callable[[], int]:
+    """Walk the tree; ``lstat`` every entry, and with ``xattrs`` also ``getxattr``
+    ``security.capability`` and ``listxattr`` (no-follow), as containers-storage does."""
+    import errno
+
+    xattrs = bool(spec.get("xattrs"))
+    lstat, getx, listx = os.lstat, os.getxattr, os.listxattr
+    missing = (errno.ENODATA, errno.ENOTSUP)
+
+    def run() -> int:
+        n = 0
+        stack = ["."]
+        while stack:
+            d = stack.pop()
+            with os.scandir(d) as it:
+                names = [e.path for e in it]
+            for path in names:
+                st = lstat(path)
+                n += 1
+                if xattrs:
+                    try:
+                        getx(path, "security.capability", follow_symlinks=False)
+                    except OSError as exc:
+                        if exc.errno not in missing:
+                            raise
+                    listx(path, follow_symlinks=False)
+                if (st.st_mode & 0o170000) == 0o040000:
+                    stack.append(path)
+        return n
+
+    return run
+
+
+def op_unpack(spec: dict[str, Any]) -> Callable[[], int]:
+    """Unpack a package as dpkg does (``--unpack`` of a package that replaces files).
+
+    For each file: a hard-link backup ``NAME.dpkg-tmp`` of an existing file, then the new
+    content written to ``NAME.dpkg-new`` (O_EXCL), ``fchown``, ``fchmod``, ``futimens``,
+    close; then, per file, ``fsync`` of the new file and ``rename`` over the old name; at
+    the end the backups are removed.  New directories are made first.  The mount's fsync
+    policy decides what the fsyncs cost.
+    """
+    with open(spec["manifest"], encoding="utf-8") as fh:
+        manifest = json.load(fh)
+    files = [(str(n), int(size), bool(old)) for n, size, old in manifest["files"]]
+    new_dirs = list(manifest["new_dirs"])
+    payload = random.Random(7).randbytes(16384)
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+    mtime = 1_700_000_000 * 10**9
+
+    def run() -> int:
+        for d in new_dirs:
+            os.mkdir(d, 0o755)
+        for name, size, old in files:
+            if old:
+                os.link(name, name + ".dpkg-tmp")
+            fd = os.open(name + ".dpkg-new", flags, 0o600)
+            os.write(fd, payload[:size])
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o644)
+            os.utime(fd, ns=(mtime, mtime))
+            os.close(fd)
+        for name, _size, _old in files:
+            fd = os.open(name + ".dpkg-new", os.O_WRONLY)
+            os.fsync(fd)
+            os.close(fd)
+            os.rename(name + ".dpkg-new", name)
+        for name, _size, old in files:
+            if old:
+                os.unlink(name + ".dpkg-tmp")
+        return len(files)
+
+    return run
+
+
 OPS: dict[str, Callable[[dict[str, Any]], Callable[[], int]]] = {
     "stat": op_stat,
     "listdir": op_listdir,
@@ -224,7 +383,38 @@ OPS: dict[str, Callable[[dict[str, Any]], Callable[[], int]]] = {
     "unlink": op_unlink,
     "rename": op_rename,
     "walk": op_walk,
+    "rt_fstat": op_rt_fstat,
+    "rt_getattr": op_rt_getattr,
+    "rt_neglookup": op_rt_neglookup,
+    "rt_create": op_rt_create,
+    "xwalk": op_xwalk,
+    "unpack": op_unpack,
 }
+
+
+class _PerfControl:
+    """Enables a ``perf stat -D -1 --control`` counter around the timed run only."""
+
+    def __init__(self, ctl: str, ack: str) -> None:
+        self.ctl = os.open(ctl, os.O_WRONLY)
+        self.ack = os.open(ack, os.O_RDONLY)
+
+    def _say(self, word: str) -> None:
+        os.write(self.ctl, word.encode() + b"\n")
+        got = b""
+        while b"\n" not in got:  # perf answers b"ack\\n\\0"
+            chunk = os.read(self.ack, 64)
+            if not chunk:
+                raise RuntimeError("perf closed its ack fifo")
+            got += chunk
+
+    def enable(self) -> None:
+        """Start counting (returns once perf acknowledged)."""
+        self._say("enable")
+
+    def disable(self) -> None:
+        """Stop counting."""
+        self._say("disable")
 
 
 def _prewarm(paths: list[str]) -> None:
@@ -243,9 +433,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     run = OPS[spec["op"]](spec)
     if spec.get("warmup"):
         run()
+    perf = _PerfControl(spec["perf_ctl"], spec["perf_ack"]) if spec.get("perf_ctl") else None
+    if perf:
+        perf.enable()
     t0 = time.perf_counter()
     ops = run()
     seconds = time.perf_counter() - t0
+    if perf:
+        perf.disable()
     return {"seconds": seconds, "ops": ops}
 
 

@@ -54,12 +54,20 @@ class Workload:
     depth: int = 0
     x: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    floor: bool = False  # also run on the ``bare`` backend (the bare-syscall floor)
+    count: bool = False  # count the FUSE requests of one extra, untimed sample
+    suite: str = "core"  # ``container``: the container workloads of issue 14
+    explicit: bool = False  # runs only when named (``--workloads podman``), never by default
+    only_variants: tuple[str, ...] = ()
 
     def variants(self, allowed: list[str]) -> list[Variant]:
         """Variants this workload runs in."""
         if not self.write:
             return [READ_VARIANT]
-        return [VARIANTS[k] for k in allowed if k in VARIANTS]
+        keys = [k for k in allowed if k in VARIANTS]
+        if self.only_variants:
+            keys = [k for k in self.only_variants if k in keys] or list(self.only_variants[:1])
+        return [VARIANTS[k] for k in keys]
 
 
 def catalogue(scale: Scale) -> list[Workload]:
@@ -185,15 +193,131 @@ def catalogue(scale: Scale) -> list[Workload]:
             kind="rss",
         )
     )
+    out += container_catalogue(scale)
+    return out
+
+
+PODMAN_WORKLOADS = (
+    ("podman_build_seed", "podman build, seed-like Dockerfile (dpkg -i of local .debs)"),
+    ("podman_build_steps", "podman build, many RUN steps"),
+    ("podman_diff", "podman diff of a container that installed the .debs"),
+    ("podman_commit", "podman commit of that container"),
+    ("podman_run", "podman run --rm latency"),
+)
+
+
+def container_catalogue(scale: Scale) -> list[Workload]:
+    """The container workloads of issue 14: round trips, xattr walks, mount-ready time,
+    package unpack (plain, no podman), and the podman suite (only when asked for)."""
+    n = scale.rt_ops
+    rt = {"suite": "container", "floor": True, "count": True, "fixture": "rt"}
+    out = [
+        Workload(
+            "rt_fstat",
+            "round trip: fstat of an open fd",
+            "roundtrip",
+            op="rt_fstat",
+            params={"count": n},
+            **rt,
+        ),
+        Workload(
+            "rt_getattr",
+            "round trip: getattr of an open fd (statx FORCE_SYNC)",
+            "roundtrip",
+            op="rt_getattr",
+            params={"count": n},
+            **rt,
+        ),
+        Workload(
+            "rt_neglookup",
+            "round trip: negative lookup (new name each)",
+            "roundtrip",
+            op="rt_neglookup",
+            params={"count": n},
+            **rt,
+        ),
+        Workload(
+            "rt_create",
+            "round trip: create+write+close a 100 B file",
+            "roundtrip",
+            op="rt_create",
+            write=True,
+            only_variants=("tmpfs",),
+            params={"count": n},
+            **rt,
+        ),
+    ]
+    xt = {"suite": "container", "count": True, "fixture": "xtree", "op": "xwalk"}
+    entries = f"{scale.xattr_entries // 1000}k" if scale.xattr_entries >= 1000 else "tiny"
+    for which in ("cold", "warm"):
+        out.append(
+            Workload(
+                f"xattr_walk_{which}",
+                f"{which} walk of {entries} entries: lstat+getxattr+listxattr",
+                "xattr",
+                cold=which == "cold",
+                warmup=which == "warm",
+                params={"xattrs": True, "seed_upper": True},
+                **xt,
+            )
+        )
+        out.append(
+            Workload(
+                f"lstat_walk_{which}",
+                f"{which} walk of {entries} entries: lstat only",
+                "xattr",
+                cold=which == "cold",
+                warmup=which == "warm",
+                params={"xattrs": False, "seed_upper": True},
+                **xt,
+            )
+        )
+    for depth in scale.ready_depths:
+        out.append(
+            Workload(
+                f"mountready_{depth}",
+                f"mount, argv to usable, {depth} layers",
+                "mount",
+                "stacks",
+                kind="ready",
+                depth=depth,
+                x=depth,
+                suite="container",
+            )
+        )
+    out.append(
+        Workload(
+            "unpack",
+            f"dpkg-style unpack of {scale.pkg_files} files over /usr",
+            "unpack",
+            "usr",
+            "unpack",
+            write=True,
+            count=True,
+            suite="container",
+        )
+    )
+    for key, title in PODMAN_WORKLOADS:
+        out.append(
+            Workload(
+                key, title, "podman", "podman", kind="podman", suite="container", explicit=True
+            )
+        )
     return out
 
 
 def select(workloads: list[Workload], patterns: str | None) -> list[Workload]:
     """Filter by comma-separated keys, globs (``lookup_*``) or group names."""
     if not patterns:
-        return workloads
+        return [w for w in workloads if not w.explicit]
     pats = [p.strip() for p in patterns.split(",") if p.strip()]
-    chosen = [w for w in workloads if any(fnmatch.fnmatch(w.key, p) or w.group == p for p in pats)]
+
+    def match(w: Workload, p: str) -> bool:
+        if w.explicit and p != w.group and p != w.key and not p.startswith(w.group):
+            return False  # the podman suite runs only when named
+        return fnmatch.fnmatch(w.key, p) or w.group == p or w.suite == p
+
+    chosen = [w for w in workloads if any(match(w, p) for p in pats)]
     if not chosen:
         keys = ", ".join(w.key for w in workloads)
         raise SystemExit(f"no workload matches {patterns!r}; known: {keys}")
@@ -221,6 +345,8 @@ class FixtureSet:
         """Lower layers (top first) for a workload's mount."""
         if w.fixture == "untar":
             return self.get("tree").layers
+        if w.fixture == "podman":
+            return []
         fx = self.get(w.fixture)
         if w.fixture == "stacks":
             return self.cache.stack_layers(fx, w.depth)
@@ -251,5 +377,9 @@ class FixtureSet:
             spec["files"] = fx.info["files"]
         elif w.fixture == "mem":
             spec["dir"] = "."
-        spec.update({k: v for k, v in w.params.items() if k != "set"})
+        elif w.fixture == "rt":
+            spec["file"], spec["dir"] = fx.info["file"], fx.info["dir"]
+        elif w.fixture == "usr":
+            spec["manifest"] = str(fx.root / fx.info["manifest"])
+        spec.update({k: v for k, v in w.params.items() if k not in ("set", "seed_upper")})
         return spec
