@@ -12,11 +12,24 @@ import dataclasses
 import errno
 import os
 import stat
+from typing import TypeVar
 
 from unionfs import fdops, format
 from unionfs.fs.copy_up import Change, CopyUp
 from unionfs.fs.nodes import UPPER, Node
 from unionfs.fs.state import State, err
+
+# Entries kept of each cache of lower xattr answers (values, and listings).
+LOWER_XATTR_CACHE = 1 << 16
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(cache: dict[K, V], key: K, value: V) -> None:
+    if len(cache) >= LOWER_XATTR_CACHE:
+        cache.clear()  # a bound, not an LRU: refilled from the layers at little cost
+    cache[key] = value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +50,22 @@ class Attrs:
     def __init__(self, s: State, copier: CopyUp) -> None:
         self.s = s
         self.copier = copier
+        # Answers read from lower objects, which never change under a mount: by (st_dev,
+        # st_ino, stored name) the value or the errno (ENODATA mostly), by (st_dev, st_ino)
+        # the listing. containers-storage asks security.capability of every file for a diff
+        # or a commit; the kernel caches no xattrs for FUSE, so each one reaches the daemon.
+        self._lower_values: dict[tuple[int, int, bytes], bytes | int] = {}
+        self._lower_lists: dict[tuple[int, int], list[str]] = {}
+
+    def _lower_obj(self, node: Node) -> tuple[int, int] | None:
+        """The lower object whose xattrs ``node`` shows, or None when that may change (an
+        upper object, or a lower file with more names, one of which may be copied up)."""
+        s = self.s
+        if node.layer == UPPER and s.stack.has_upper:
+            return None
+        if not node.is_dir and not node.immutable:
+            return None
+        return node.obj
 
     async def setattr(self, node: Node, fh: int | None, change: AttrChange) -> None:
         """Apply ``change``; copies up first (EROFS when read-only).
@@ -183,13 +212,34 @@ class Attrs:
         stored = format.xattr_layer_name(name, self.s.opts.userxattr)
         if stored is None:
             raise err(errno.ENODATA)
-        return fdops.getxattr(self.s.table.xattr_target(node), stored)
+        obj = self._lower_obj(node)
+        if obj is None:
+            return fdops.getxattr(self.s.table.xattr_target(node), stored)
+        key = (obj[0], obj[1], stored)
+        known = self._lower_values.get(key)
+        if known is None:
+            try:
+                known = fdops.getxattr(self.s.table.xattr_target(node), stored)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise  # not an answer about the object (its path failed, say)
+                known = exc.errno
+            _remember(self._lower_values, key, known)
+        if isinstance(known, int):
+            raise err(known)
+        return known
 
     def listxattr(self, node: Node) -> list[bytes]:
         """The xattr names ``node`` shows through the mount (private ones hidden)."""
         userxattr = self.s.opts.userxattr
+        obj = self._lower_obj(node)
+        names = self._lower_lists.get(obj) if obj is not None else None
+        if names is None:
+            names = fdops.listxattr(self.s.table.xattr_target(node))
+            if obj is not None:
+                _remember(self._lower_lists, obj, names)
         out = []
-        for n in fdops.listxattr(self.s.table.xattr_target(node)):
+        for n in names:
             shown = format.xattr_mount_name(os.fsencode(n), userxattr)
             if shown is not None:
                 out.append(shown)
