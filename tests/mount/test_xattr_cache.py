@@ -44,6 +44,8 @@ def script(m: Path) -> list[object]:
     out.append(attempt(lambda: os.removexattr(m / "d/kept", "user.nope")))
     look()
     out.append(attempt(lambda: os.removexattr(m / "f", "user.a")))
+    out.append(attempt(lambda: os.setxattr(m / "d", "user.a", b"5")))  # d is an upper dir now
+    out.append(attempt(lambda: os.removexattr(m / "d", "user.missing")))
     out.append(attempt(lambda: os.removexattr(m / "h2", "user.a")))
     (m / "d" / "kept").chmod(0o600)  # a copy-up without an xattr change
     os.setxattr(m / "d" / "kept", "user.late", b"L")
