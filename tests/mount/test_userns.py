@@ -215,3 +215,42 @@ def test_xattr_permissions_records_mapped_owners_in_a_user_namespace(tmp_path: P
     assert os.getxattr(d["upper"] / "nd", "user.fuseoverlayfs.override_stat") == b"1:1:40755"
     assert os.lstat(d["upper"] / "f").st_uid == 0
     assert os.getxattr(d["upper"], "user.fuseoverlayfs.override_stat").startswith(b"0:0:")
+
+
+def test_where_the_daemon_may_not_chown_xattr_permissions_records_the_owner(
+    tmp_path: Path,
+) -> None:
+    """Only namespace root is mapped, and the layers store root as 5 (``uidmapping=5:0:1``,
+    the owners recorded by containers-storage's ``ignore_chown_errors``): the owner of what
+    root makes cannot be given to an inode (5 has no id here), nor can the upper's root be
+    made root's. With the option the owners are recorded in the xattr and all works."""
+    d = layers(tmp_path)
+    os.setxattr(d["lower"], "user.containers.override_stat", b"5:5:0755")
+    write(d["lower"] / "f", "f")
+    os.setxattr(d["lower"] / "f", "user.containers.override_stat", b"5:5:0644")
+    opts = ("uidmapping=5:0:1", "gidmapping=5:0:1")
+    # Without it the upper's root shows its stored owner, 0, which the mapping does not show
+    # (the overflow id): the kernel lets nobody write a directory of an unmapped owner.
+    refused = userns(
+        f"""
+        {mount_cmd(d, *opts)}
+        stat -c '%u' {d["mnt"]}
+        touch {d["mnt"]}/x 2>&1 || true
+        """
+    )
+    assert refused.returncode == 0, refused.stderr
+    assert refused.stdout.split("\n")[0] == "65534" and "Permission denied" in refused.stdout
+    out = userns(
+        f"""
+        {mount_cmd(d, *opts, "xattr_permissions=2")}
+        cd {d["mnt"]}
+        touch new; chmod 600 f; mkdir nd
+        stat -c '%n %u:%g %a' . new f nd
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:4] == [". 0:0 755", "new 0:0 644", "f 0:0 600", "nd 0:0 755"]
+    for n in ("new", "f", "nd"):
+        value = os.getxattr(d["upper"] / n, "user.fuseoverlayfs.override_stat")
+        assert value.startswith(b"5:5:"), (n, value)
+        assert os.lstat(d["upper"] / n).st_uid == 0  # the inode stays the daemon's
