@@ -347,6 +347,9 @@ class Engine:
             "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
             "CONTAINERS_CONF": str(base / "containers.conf"),
             "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf"),
+            # unionfs's records and logs, here rather than in /run/unionfs/mounts (or nowhere:
+            # in podman's user namespace the mount program is that namespace's root).
+            "UNIONFS_STATE_DIR": str(self.xdg / "unionfs"),
         }
         (base / "registries.conf").write_text("unqualified-search-registries = []\n")
         if user is not None:
