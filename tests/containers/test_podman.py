@@ -9,7 +9,10 @@ The image is a busybox root filesystem made by ``podman import``; nothing is pul
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import tarfile
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -90,6 +93,25 @@ def run_changes(engine: Engine, name: str, *opts: str) -> tuple[str, set[str], s
     return out, diff, seen
 
 
+Entry = tuple[str, bytes, int, int, int]  # name, tar type, uid, gid, mode
+
+
+def top_layer(engine: Engine, image: str) -> set[Entry]:
+    """The entries of ``image``'s top layer, from ``podman save`` (docker-archive)."""
+    path = engine.base / "saved.tar"
+    path.unlink(missing_ok=True)
+    engine.podman("save", "-q", "-o", str(path), image).check()
+    with tarfile.open(path) as outer:
+        manifest = json.load(outer.extractfile("manifest.json"))  # type: ignore[arg-type]
+        layer = outer.extractfile(manifest[0]["Layers"][-1])
+        assert layer is not None
+        with tarfile.open(fileobj=io.BytesIO(layer.read())) as inner:
+            return {
+                (m.name.rstrip("/"), m.type, m.uid, m.gid, m.mode & 0o7777)
+                for m in inner.getmembers()
+            }
+
+
 def assert_nothing_mounted(*engines: Engine) -> None:
     for engine in engines:
         assert fuse_mounts_under(engine.base) == []
@@ -102,9 +124,19 @@ def test_run_copy_up_whiteout_opaque_chown_diff_commit(engines: Engines, mode: s
     assert out == CHANGES_OUT
     assert {"C /etc/motd", "D /etc/group", "A /tmp/f", "C /home/user/.profile"} <= diff
     assert seen == INSPECT_OUT
-    # fuse-overlayfs, given the same steps, lists the same changes.
+    # The committed layer: whiteout, opaque marker and owners in the OCI format.
+    layer = top_layer(engine, "localhost/changes")
+    assert ("etc/.wh.group", tarfile.REGTYPE, 0, 0, 0) in {(*e[:4], 0) for e in layer}
+    names = {e[0] for e in layer}
+    # The re-created directory hides the lower entries: an opaque marker, or (containers-
+    # storage's naive diff, which a mount program gets) a whiteout per lower entry.
+    pkg = "usr/share/doc/pkg/"
+    assert f"{pkg}.wh..wh..opq" in names or {f"{pkg}.wh.README", f"{pkg}.wh.sub"} <= names, names
+    assert ("tmp/f", tarfile.REGTYPE, 1000, 0, 0o644) in layer
+    # fuse-overlayfs, given the same steps, lists the same changes and commits the same layer.
     ref_out, ref_diff, ref_seen = run_changes(reference, "changes")
     assert (out, diff, seen) == (ref_out, ref_diff, ref_seen)
+    assert layer == top_layer(reference, "localhost/changes")
     assert_nothing_mounted(engine, reference)
 
 
