@@ -102,6 +102,33 @@ QUICK = Scale(
     pkg_files=400,
 )
 
+# The smoke test's scale (``--tiny``): correctness of the harness only, seconds per workload.
+TINY = Scale(
+    name="tiny",
+    tree_files=200,
+    tree_dirs=50,
+    tree_layers=4,
+    stack_depths=(1, 8),
+    lookup_files=20,
+    big_file=1 * MiB,
+    randread_count=50,
+    copyup_sizes={"4k": (4 * KiB, 10)},
+    chmod_files=10,
+    orc_files=50,
+    create_files=50,
+    untar_files=50,
+    unlink_files=20,
+    rename_files=20,
+    mem_files=200,
+    samples=1,
+    rt_ops=200,
+    xattr_entries=300,
+    ready_depths=(1, 10),
+    usr_files=100,
+    pkg_files=40,
+)
+SCALES = {s.name: s for s in (FULL, QUICK, TINY)}
+
 
 @dataclass
 class Fixture:

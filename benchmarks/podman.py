@@ -60,6 +60,8 @@ def sizes(scale: Scale) -> dict[str, int]:
     """Package and Dockerfile sizes: the seed's two packages, the many-step build."""
     if scale.name == "full":
         return {"pkg_a": 3000, "pkg_b": 1500, "steps": 64}
+    if scale.name == "tiny":
+        return {"pkg_a": 20, "pkg_b": 10, "steps": 2}
     return {"pkg_a": 300, "pkg_b": 200, "steps": 8}
 
 

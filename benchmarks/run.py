@@ -40,7 +40,7 @@ from benchmarks.backends import (
     mountpoints,
     rss_bytes,
 )
-from benchmarks.fixtures import DEFAULT_CACHE, FULL, QUICK, FixtureCache, describe
+from benchmarks.fixtures import DEFAULT_CACHE, FULL, QUICK, TINY, FixtureCache, describe
 from benchmarks.workloads import VARIANTS, FixtureSet, Variant, Workload, catalogue, select
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
@@ -144,7 +144,7 @@ class Harness:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.scale = QUICK if args.quick else FULL
+        self.scale = _scale(args)
         self.samples = args.samples or self.scale.samples
         self.cache = Path(args.cache).resolve()
         self.runs = self.cache / "runs"
@@ -442,6 +442,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark unionfs against kernel overlayfs and fuse-overlayfs.",
     )
     p.add_argument("--quick", action="store_true", help="small fixtures, 3 samples (< 3 min)")
+    p.add_argument(
+        "--tiny", action="store_true", help="tiny fixtures, 1 sample (the smoke test's scale)"
+    )
     p.add_argument("--samples", type=int, help="samples per backend (default 5, quick 3)")
     p.add_argument(
         "--backends",
@@ -485,7 +488,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.start = time.monotonic()
     if args.max_minutes is None and args.quick:
-        args.max_minutes = 2.8
+        args.max_minutes = 4.0
     # leave a little time for the report and the cleanup
     args.max_seconds = args.max_minutes * 60 - 8 if args.max_minutes else None
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -493,6 +496,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if b not in ALL_BACKENDS:
             p.error(f"unknown backend {b!r}")
     return args
+
+
+def _scale(args: argparse.Namespace) -> Any:
+    return TINY if args.tiny else QUICK if args.quick else FULL
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -520,7 +527,7 @@ def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
-    scale = QUICK if args.quick else FULL
+    scale = _scale(args)
     if args.list:
         for w in select(catalogue(scale), args.workloads):
             kinds = ",".join(VARIANTS) if w.write else "-"
