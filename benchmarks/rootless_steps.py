@@ -8,8 +8,8 @@ end) and to open /dev/fuse to users for the run (its mode is restored). Each mou
 gets its own private storage (tests/containers/podenv.py), so nothing of the host's podman
 is read or written. The image is a busybox root filesystem made by ``podman import``.
 
-A step is one podman or buildah command (a ``run`` step is the container from start to exit,
-polled as the tests do) and is OK when it exits 0 and, for the steps that check something,
+A step is one podman or buildah command (a ``run`` step is ``podman run`` of the
+container, from start to exit) and is OK when it exits 0 and, for the steps that check something,
 shows what the tests expect. Times are wall-clock seconds of a single run on this machine.
 """
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     reason = have_podman()
     if reason is not None:
         parser.error(reason)
-    base = Path(tempfile.mkdtemp(prefix="rootless-steps-", dir="/tmp"))
+    base = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: see podenv.Engine.MAX_BASE
     os.chmod(base, 0o755)
     user = TestUser.create("ufsbench")
     table: dict[str, list[Result]] = {}

@@ -29,7 +29,7 @@ def workdir() -> Iterator[Path]:
     reason = have_podman()
     if reason is not None:
         pytest.skip(reason)
-    base = Path(tempfile.mkdtemp(prefix="podman-", dir="/tmp"))
+    base = Path(tempfile.mkdtemp(prefix="pm", dir="/tmp"))  # short: see podenv.Engine
     os.chmod(base, 0o755)  # the test user walks through it to its own engine
     yield base
     shutil.rmtree(base, ignore_errors=True)
@@ -62,7 +62,7 @@ def engines(
     def get(mode: str, program: str) -> Engine:
         key = (mode, program)
         if key not in made:
-            base = workdir / f"{mode}-{program}"
+            base = workdir / f"{mode[:5]}-{program[0]}"  # rootf-u, rootl-f, ...
             user = test_user if mode == "rootless" else None
             if program == "fuse-overlayfs":
                 path = FUSE_OVERLAYFS
