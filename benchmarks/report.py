@@ -161,6 +161,65 @@ TARGETS: tuple[Target, ...] = (
     ),
 )
 
+_WRITE_KEYS = (
+    "copyup_4k",
+    "copyup_1m",
+    "copyup_64m",
+    "copyup_512m",
+    "chmod_copyup",
+    "create",
+    "untar",
+    "unlink",
+    "rename",
+)
+
+# Issue 14: container workloads, and every write row on tmpfs and on disk.
+TARGETS += (
+    Target(
+        "(issue 14) mount, argv to usable / with 100 layers",
+        "≤ 1.5 / ≤ 1.0",
+        (
+            Check("ratio", "mountready_1", limit=1.5),
+            Check("ratio", "mountready_10", limit=1.5),
+            Check("ratio", "mountready_100", limit=1.0),
+        ),
+    ),
+    Target(
+        "(issue 14) xattr walks (lstat + getxattr + listxattr), cold and warm",
+        "≤ 1.0",
+        (
+            Check("ratio", "xattr_walk_cold", limit=1.0),
+            Check("ratio", "xattr_walk_warm", limit=1.0),
+        ),
+    ),
+    Target(
+        "(issue 14) package unpack, default fsync and fsync=0",
+        "≤ 1.2",
+        (
+            Check("ratio", "unpack", "disk", 1.2),
+            Check("ratio", "unpack", "disk-fsync0", 1.2),
+        ),
+    ),
+    Target(
+        "(issue 14) podman build (seed, many steps), diff, commit",
+        "≤ 1.2",
+        tuple(
+            Check("ratio", k, limit=1.2)
+            for k in ("podman_build_seed", "podman_build_steps", "podman_diff", "podman_commit")
+        ),
+    ),
+    Target(
+        "(issue 14) every write row, tmpfs",
+        "≤ 1.5",
+        tuple(Check("ratio", k, "tmpfs", 1.5) for k in _WRITE_KEYS),
+    ),
+    Target(
+        "(issue 14) every write row, disk (default fsync and fsync=0)",
+        "≤ 1.2",
+        tuple(Check("ratio", k, v, 1.2) for k in _WRITE_KEYS for v in ("disk", "disk-fsync0")),
+    ),
+)
+
 
 def _find(rows: list[dict[str, Any]], key: str, variant: str) -> dict[str, Any] | None:
     for r in rows:
