@@ -30,6 +30,7 @@ from unionfs.cli.args import split_lowerdir, unescape
 from unionfs.errors import UnionfsError, UsageError
 from unionfs.fdops import open_dir_at
 from unionfs.idmap import IdMap, Range, parse_mapping
+from unionfs.paths import in_user_namespace
 
 log = logging.getLogger(__name__)
 
@@ -353,16 +354,6 @@ def close_dirs(dirs: Iterable[OpenedDir]) -> None:
     """Close the descriptors of validated directories that nobody took."""
     for d in dirs:
         d.close()
-
-
-def in_user_namespace() -> bool:
-    """Whether this process runs in a user namespace other than the initial one (whose
-    uid_map maps every id to itself)."""
-    try:
-        with open("/proc/self/uid_map", "rb") as f:
-            return f.read().split() != [b"0", b"0", b"4294967295"]
-    except OSError:
-        return False
 
 
 def validate(cfg: MountConfig) -> MountConfig:

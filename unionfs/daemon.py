@@ -17,7 +17,6 @@ import os
 import re
 import resource
 import signal
-import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,43 +27,12 @@ import trio
 
 from unionfs.config import MountConfig
 from unionfs.errors import UnionfsError
+from unionfs.paths import default_state_dir, private_dir
 
 log = logging.getLogger(__name__)
 
 
-def default_state_dir() -> Path:
-    """Where mount records and background logs live: ``/run/unionfs/mounts`` for root, and
-    for any other user a directory of their own (``$XDG_RUNTIME_DIR/unionfs/mounts``, else
-    ``/tmp/unionfs-UID/mounts``), so that root's directory never stops a user's mount."""
-    env = os.environ.get("UNIONFS_STATE_DIR")
-    if env:
-        return Path(env)
-    uid = os.geteuid()
-    if uid == 0:
-        return Path("/run/unionfs/mounts")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        try:
-            st = os.stat(runtime)
-            if st.st_uid == uid and not st.st_mode & 0o022:
-                return Path(runtime) / "unionfs" / "mounts"
-        except OSError:
-            pass
-    return Path(f"/tmp/unionfs-{uid}") / "mounts"
-
-
-STATE_DIR = default_state_dir()
-
-
-def private_dir(path: Path) -> bool:
-    """Create ``path`` (and parents) for this user only; False when it exists but is not a
-    directory of this user's that nobody else can write (then it is not used)."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+STATE_DIR = Path(default_state_dir())
 
 
 def state_file(mountpoint: str) -> Path:

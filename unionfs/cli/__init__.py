@@ -24,6 +24,7 @@ _FAMILIES = {
     "unionfs.cli.inspect": ("inspect", "layers", "stats"),
     "unionfs.cli.layertools": ("diff", "export", "import"),
     "unionfs.net.cli": ("run", "ps", "rm", "port", "network", "net"),
+    "unionfs.server": ("server",),
 }
 
 USAGE = """\
@@ -35,6 +36,7 @@ usage: unionfs mount [--lower DIR]... [--upper DIR --workdir DIR] [-o OPT] [-f] 
        unionfs run [OPTIONS] ROOTFS -- CMD... | ps | rm NAME | port NAME | network ls|inspect
        unionfs net gc
        unionfs install-helper        (installs /sbin/mount.fuse.unionfs)
+       unionfs server [start|stop|status] [-f] [--idle-exit S]   (the resident mount server)
 """
 
 

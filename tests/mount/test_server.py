@@ -1,0 +1,232 @@
+"""The resident mount server (unionfs/server.py) and the thin ``unionfs`` command
+(unionfs/launch.py), on real mounts.
+
+With a server listening, a background mount is made by a process forked from the server, in
+the caller's place: the same view, the same one-line errors and exit codes, relative paths
+resolved in the caller's directory. Callers the server must not serve (another user, another
+mount namespace, a socket in a directory others can write) run the command themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write
+
+pytestmark = pytest.mark.mount
+
+UNIONFS = str(Path(sys.executable).with_name("unionfs"))
+
+
+def _mounted(mnt: Path) -> bool:
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    return any(line.split()[1] == str(mnt) for line in mounts)
+
+
+def _daemon_of(mnt: Path) -> int:
+    """The pid of the process serving ``mnt`` (its FUSE connection's owner)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        if line.split()[4] == str(mnt):
+            minor = line.split()[2].split(":")[1]
+            break
+    else:
+        raise AssertionError(f"{mnt} is not mounted")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) == "/dev/fuse" and _conn_of(proc, fd.name) == minor:
+                    return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no daemon serves {mnt}")
+
+
+def _forked_from_server(pid: int) -> bool:
+    """Whether the daemon ``pid`` was forked from a server (it carries the server's argv)
+    rather than started by the ``unionfs`` command itself."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return b"server" in argv
+
+
+def _conn_of(proc: Path, fd: str) -> str | None:
+    for line in (proc / "fdinfo" / fd).read_text().splitlines():
+        if line.startswith("fuse_connection:"):
+            return line.split()[-1]
+    return None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A server in the foreground of its own process, with its own socket and state
+    directory; yields the environment that reaches it."""
+    state = tmp_path / "state"
+    env = dict(
+        os.environ,
+        UNIONFS_STATE_DIR=str(state / "mounts"),
+        UNIONFS_SERVER_SOCKET=str(state / "server.sock"),
+    )
+    env.pop("UNIONFS_SERVER", None)
+    proc = subprocess.Popen([UNIONFS, "server", "start", "-f"], env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while not (state / "server.sock").exists():
+            assert proc.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the server did not listen"
+            time.sleep(0.02)
+        env["SERVER_PID"] = str(proc.pid)
+        yield env
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for mnt in tmp_path.rglob("mnt*"):
+            if _mounted(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def _tree(tmp_path: Path) -> Path:
+    root = tmp_path / "t"
+    write(root / "lower" / "a", "lower a")
+    write(root / "lower" / "d" / "b", "lower b")
+    for sub in ("upper", "work", "mnt"):
+        (root / sub).mkdir()
+    return root
+
+
+def test_a_mount_through_the_server_is_served_by_a_process_of_its_own(
+    server: dict[str, str], tmp_path: Path
+) -> None:
+    root = _tree(tmp_path)
+    # Relative paths: resolved in the caller's directory, which the server is not in.
+    res = subprocess.run(
+        [UNIONFS, "-o", "lowerdir=lower,upperdir=upper,workdir=work", "mnt"],
+        cwd=root,
+        env=server,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    mnt = root / "mnt"
+    try:
+        assert (mnt / "a").read_text() == "lower a"
+        (mnt / "a").write_text("changed")
+        assert (root / "upper" / "a").read_text() == "changed"
+        pid = _daemon_of(mnt)
+        assert pid != int(server["SERVER_PID"])
+        assert _forked_from_server(pid)
+        # The record went to the caller's state directory.
+        assert list(Path(server["UNIONFS_STATE_DIR"]).glob("*.json"))
+    finally:
+        res = subprocess.run([UNIONFS, "umount", str(mnt)], env=server, capture_output=True)
+        assert res.returncode == 0, res.stderr
+    assert not _mounted(mnt)
+
+
+def test_errors_and_exit_codes_are_the_commands_own(server: dict[str, str], tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    res = subprocess.run(
+        [UNIONFS, "-o", "lowerdir=missing,upperdir=upper,workdir=work", "mnt"],
+        cwd=root,
+        env=server,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1
+    assert res.stderr == "unionfs: lowerdir 'missing' does not exist\n"
+    res = subprocess.run(
+        [UNIONFS, "-o", "lowerdir=lower,upperdir=upper,workdir=work,frobnicate=1", "nowhere"],
+        cwd=root,
+        env=server,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and res.stderr.count("\n") >= 1
+    assert "Traceback" not in res.stderr
+    assert not _mounted(root / "mnt")
+
+
+def test_a_caller_in_another_mount_namespace_mounts_there_itself(
+    server: dict[str, str], tmp_path: Path
+) -> None:
+    root = _tree(tmp_path)
+    script = (
+        f"{UNIONFS} -o lowerdir=lower,upperdir=upper,workdir=work mnt && "
+        "cat mnt/a && echo && grep -c ' '$PWD'/mnt ' /proc/self/mounts && "
+        f"{UNIONFS} umount mnt"
+    )
+    res = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        cwd=root,
+        env=server,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["lower", "a", "1"]
+    assert not _mounted(root / "mnt")  # never in the server's namespace
+
+
+def test_a_socket_others_can_replace_is_not_used(server: dict[str, str], tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    sock_dir = Path(server["UNIONFS_SERVER_SOCKET"]).parent
+    sock_dir.chmod(0o777)
+    try:
+        env = dict(server, UNIONFS_STATE_DIR=str(tmp_path / "own"))
+        res = subprocess.run(
+            [UNIONFS, "-o", "lowerdir=lower,upperdir=upper,workdir=work", "mnt"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, res.stderr
+        try:
+            assert not _forked_from_server(_daemon_of(root / "mnt"))  # made by the command
+        finally:
+            subprocess.run([UNIONFS, "umount", str(root / "mnt")], env=env, check=True)
+    finally:
+        sock_dir.chmod(0o700)
+
+
+def test_another_user_cannot_reach_the_server(server: dict[str, str]) -> None:
+    sock = server["UNIONFS_SERVER_SOCKET"]
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "try:\n"
+        f"    s.connect({sock!r})\n"
+        "except OSError as e:\n"
+        "    print(e.errno)\n"
+        "else:\n"
+        "    s.sendall(b'x')\n"
+        "    print('answer', s.recv(100))\n"
+    )
+    res = subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "13"  # EACCES: the socket is its owner's alone
+
+
+def test_stop(server: dict[str, str]) -> None:
+    res = subprocess.run([UNIONFS, "server", "stop"], env=server, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert not Path(server["UNIONFS_SERVER_SOCKET"]).exists()
+    res = subprocess.run([UNIONFS, "server", "status"], env=server, capture_output=True, text=True)
+    assert res.returncode == 1

@@ -1,0 +1,140 @@
+"""The ``unionfs`` command's entry point: hands a mount to the user's mount server when one
+is running (:mod:`unionfs.server`), else runs the command itself (:func:`unionfs.cli.main`).
+
+Only the C socket module is imported on the way to the server: the
+caller pays for starting Python and nothing more. A mount in the foreground or with debug
+output stays in the caller's process, as does every other command. ``UNIONFS_SERVER=off``
+never asks a server. A server is trusted only if its socket is in a directory of this user's
+that nobody else can write, and its process runs as this user.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import stat
+import sys
+
+REQUEST_MAGIC = b"unionfs1"
+REQUEST_FDS = 4  # the working directory, stdin, stdout, stderr
+# Arguments after which the command must run in the caller's process.
+_LOCAL_FLAGS = {"-f", "--foreground", "-d", "--debug", "-h", "--help"}
+
+
+def _for_server(args: list[str]) -> bool:
+    """Whether ``args`` mount in the background (``mount ...`` or the fuse-overlayfs form)."""
+    from unionfs.cli import _module_for
+
+    if not args or args[0].startswith("--"):
+        return False
+    if args[0] != "mount" and _module_for(args[0]) is not None:
+        return False
+    for i, arg in enumerate(args):
+        if arg in _LOCAL_FLAGS:
+            return False
+        if arg == "-o" and i + 1 < len(args):
+            opts = args[i + 1].split(",")
+            if "debug" in opts or "foreground" in opts:
+                return False
+        elif arg.startswith("-o") and ("debug" in arg[2:].split(",")):
+            return False
+    return True
+
+
+def connect(path: str) -> _socket.socket | None:
+    """A connection to this user's server at ``path``, or None (no server, or one that is
+    not trustworthy)."""
+    uid = os.geteuid()
+    try:
+        st = os.lstat(os.path.dirname(path))
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
+        return None
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        conn.connect(path)
+        creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    except OSError:
+        conn.close()
+        return None
+    if int.from_bytes(creds[4:8], sys.byteorder) != uid:
+        conn.close()
+        return None
+    return conn
+
+
+def encode_request(args: list[str], env: dict[str, str], umask: int) -> bytes:
+    """The request: ``unionfs1``, the umask in octal, the argument count, the arguments and
+    the environment as ``NAME=VALUE``, each ended by a NUL byte."""
+    fields = [REQUEST_MAGIC, b"%o" % umask, b"%d" % len(args)]
+    fields += [os.fsencode(a) for a in args]
+    fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    return b"\0".join(fields) + b"\0"
+
+
+def decode_request(data: bytes) -> tuple[list[str], dict[str, str], int]:
+    """The arguments, environment and umask of a request (ValueError if malformed)."""
+    fields = data.split(b"\0")
+    if len(fields) < 4 or fields[0] != REQUEST_MAGIC or fields[-1] != b"":
+        raise ValueError("malformed request")
+    umask, argc = int(fields[1], 8), int(fields[2])
+    if not 0 <= umask <= 0o777 or not 0 <= argc <= len(fields) - 4:
+        raise ValueError("malformed request")
+    args = [os.fsdecode(a) for a in fields[3 : 3 + argc]]
+    env = {}
+    for item in fields[3 + argc : -1]:
+        name, eq, value = item.partition(b"=")
+        if not eq:
+            raise ValueError("malformed request")
+        env[os.fsdecode(name)] = os.fsdecode(value)
+    return args, env, umask
+
+
+def _ask_server(args: list[str]) -> int | None:
+    """The exit status of the command run by the server, or None: run it here."""
+    from unionfs.paths import server_socket
+
+    conn = connect(server_socket())
+    if conn is None:
+        return None
+    import array
+
+    try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            conn.sendmsg(
+                [encode_request(args, dict(os.environ), umask)],
+                [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [cwd, 0, 1, 2]))],
+            )
+        finally:
+            os.close(cwd)
+        answer = conn.recv(4096)
+    except OSError:
+        answer = b""
+    finally:
+        conn.close()
+    kind, _, value = answer.partition(b" ")
+    if kind == b"exit" and value.lstrip(b"-").isdigit():
+        return int(value)
+    if kind == b"local":
+        return None
+    sys.stderr.write("unionfs: the mount server ended before answering\n")
+    return 1
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if os.environ.get("UNIONFS_SERVER", "auto") != "off" and _for_server(args):
+        code = _ask_server(args)
+        if code is not None:
+            return code
+    from unionfs.cli import main as run_here
+
+    return run_here(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
