@@ -28,7 +28,7 @@ from typing import Any
 
 from unionfs.cli.args import split_lowerdir, unescape
 from unionfs.errors import UnionfsError, UsageError
-from unionfs.fdops import open_dir_at
+from unionfs.fdops import mount_id, open_dir_at
 from unionfs.idmap import IdMap, Range, parse_mapping
 from unionfs.paths import in_user_namespace
 
@@ -286,6 +286,7 @@ def open_validated(path: str, what: str) -> OpenedDir:
 
 
 _Key = tuple[int, int]
+_Place = tuple[int, int, int]  # (mount id, device, inode)
 
 
 class _Ancestry:
@@ -293,30 +294,42 @@ class _Ancestry:
 
     The parent of each directory met is remembered, so 2,000 layers in one parent cost one
     walk of that parent's ancestors. ``..`` crosses mount points upwards as a path walk does.
+    A directory is remembered by its mount as well: a bind mount of a directory inside
+    itself (podman mounts its storage so for ``--uidmap``) shows one (device, inode) at two
+    places of one walk, with different parents.
     """
 
     def __init__(self) -> None:
-        self.parent: dict[_Key, _Key | None] = {}
+        self.parent: dict[_Place, _Place | None] = {}
+
+    @staticmethod
+    def _place(fd: int) -> _Place:
+        st = os.fstat(fd)
+        try:
+            mnt = mount_id(fd)
+        except OSError:
+            mnt = 0  # no statx mount id (old kernel): by (device, inode) alone
+        return (mnt, st.st_dev, st.st_ino)
 
     def above(self, fd: int) -> list[_Key]:
-        st = os.fstat(fd)
-        key: _Key = (st.st_dev, st.st_ino)
+        start = place = self._place(fd)
         cur = os.dup(fd)
         try:
-            while key not in self.parent:
+            while place not in self.parent:
                 up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur)
                 os.close(cur)
                 cur = up
-                pst = os.fstat(cur)
-                pkey: _Key = (pst.st_dev, pst.st_ino)
-                self.parent[key] = None if pkey == key else pkey
-                key = pkey
+                pplace = self._place(cur)
+                self.parent[place] = None if pplace == place else pplace
+                place = pplace
         finally:
             os.close(cur)
-        out = []
-        nxt = self.parent[(st.st_dev, st.st_ino)]
-        while nxt is not None:
-            out.append(nxt)
+        out: list[_Key] = []
+        walked = {start}
+        nxt = self.parent[start]
+        while nxt is not None and nxt not in walked:  # never loops, whatever the mounts
+            walked.add(nxt)
+            out.append(nxt[1:])
             nxt = self.parent[nxt]
         return out
 

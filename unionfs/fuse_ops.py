@@ -180,11 +180,12 @@ class Operations(pyfuse3.Operations):
         return e
 
     def owner(self, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
-        """The stored owner of an object ``ctx``'s caller creates (EINVAL if unmapped)."""
+        """The stored owner of an object ``ctx``'s caller creates (the overflow ids for a
+        caller the mapping does not cover)."""
         idmap = self.idmap
         if idmap is None:
             return ctx.uid, ctx.gid
-        return idmap.uid_stored(ctx.uid), idmap.gid_stored(ctx.gid)
+        return idmap.creator_stored(ctx.uid, ctx.gid)
 
     def entry_for(self, node: Node, attr: Attr | None) -> pyfuse3.EntryAttributes:
         """The reply for ``node``: built once for objects served from a (read-only) lower."""

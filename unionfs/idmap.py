@@ -14,10 +14,11 @@ Both ways:
 
 * stored -> shown (stat replies, ACL and capability xattrs read): an id in no range is shown
   as the overflow id (``/proc/sys/kernel/overflowuid``, 65534), as fuse-overlayfs does;
-* shown -> stored (chown, the owner of a new object, ACL and capability xattrs written): an
-  id in no range is refused with ``EINVAL``. fuse-overlayfs writes the overflow id instead;
-  unionfs refuses, as the kernel's ``chown`` refuses an id it cannot map, so that nothing is
-  silently given to ``nobody``.
+* shown -> stored (chown, ACL and capability xattrs written): an id in no range is refused
+  with ``EINVAL``, as the kernel's ``chown`` refuses an id it cannot map, so that nothing is
+  silently given to ``nobody`` (fuse-overlayfs writes the overflow id). The owner of a new
+  object made by a caller in no range is the overflow id, as in fuse-overlayfs
+  (:meth:`IdMap.creator_stored`): podman creates files in a mapped rootfs as host root.
 
 ``squash_to_root``, ``squash_to_uid=N`` and ``squash_to_gid=N`` change only what is shown
 (every object owned by 0 or N), as in fuse-overlayfs; writes still map shown -> stored, and a
@@ -138,6 +139,21 @@ class IdMap:
 
     def gid_stored(self, gid: int) -> int:
         return self._to_stored(self.gids, gid)
+
+    def creator_stored(self, uid: int, gid: int) -> tuple[int, int]:
+        """The stored owner of an object the caller ``uid``/``gid`` creates. A caller in no
+        range (host root making /etc/mtab in a container's rootfs before the container
+        starts, as podman does) gets the overflow ids stored, as in fuse-overlayfs: refusing
+        would stop the container from starting; the runtime chowns such files after."""
+        try:
+            suid = self._to_stored(self.uids, uid)
+        except OSError:
+            suid = self.overflow_uid
+        try:
+            sgid = self._to_stored(self.gids, gid)
+        except OSError:
+            sgid = self.overflow_gid
+        return suid, sgid
 
     # -- ids inside xattr values ---------------------------------------------------------
 

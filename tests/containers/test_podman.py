@@ -162,11 +162,6 @@ def test_three_step_build_with_a_whiteout(engines: Engines, mode: str, tool: str
     assert_nothing_mounted(engine)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bugs.md [podman] fuse_ops.owner(): podman, as host root outside uidmapping=, "
-    "creates /etc/mtab in the merged dir and gets EINVAL",
-)
 def test_rootful_uidmap(engines: Engines) -> None:
     engine = engines("rootful", "unionfs")
     opts = ("--uidmap", "0:1:65536", "--gidmap", "0:1:65536")
@@ -177,11 +172,6 @@ def test_rootful_uidmap(engines: Engines) -> None:
     assert (out, diff, seen) == ref
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bugs.md [podman] fuse_ops.owner(): podman, as host root outside uidmapping=, "
-    "creates /etc/mtab in the merged dir and gets EINVAL",
-)
 def test_rootful_userns_auto(engines: Engines) -> None:
     engine = engines("rootful", "unionfs")
     with containers_subids():

@@ -35,11 +35,6 @@ def storage(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(top / "ctr/mapped/0")], check=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bugs.md [podman] config.py: the layer-overlap check loops forever on a layer "
-    "reached through a bind mount of its own ancestor",
-)
 def test_a_lower_seen_through_a_bind_mount_of_its_ancestor_mounts(storage: Path) -> None:
     ctr = storage / "ctr"
     lower = storage / "ctr/mapped/0/layer/diff"
@@ -61,11 +56,6 @@ def _owners(root: Path) -> dict[str, tuple[int, int]]:
 NEW = ("file", "link", "dir")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bugs.md [podman] fuse_ops.owner(): a caller outside uidmapping= cannot create "
-    "(EINVAL); fuse-overlayfs stores the overflow id",
-)
 def test_a_caller_outside_the_mapping_creates_as_fuse_overlayfs_does(tmp_path: Path) -> None:
     """What podman does before a ``--uidmap 0:1:65536`` container starts: host root (outside
     the shown range 1..65536) creates /etc/mtab and friends in the merged directory."""
