@@ -39,9 +39,14 @@ def mountpoints() -> list[str]:
     return out
 
 
-def _run(argv: list[str], cwd: str | None = None, timeout: float = MOUNT_TIMEOUT) -> None:
+def _run(
+    argv: list[str],
+    cwd: str | None = None,
+    timeout: float = MOUNT_TIMEOUT,
+    env: dict[str, str] | None = None,
+) -> None:
     proc = subprocess.run(
-        argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
@@ -111,9 +116,16 @@ class Backend:
     available: bool = True
     version: str = ""
     daemon_pids: dict[str, int] = field(default_factory=dict)
+    env: dict[str, str] | None = None  # environment of the mount/unmount commands
 
     def probe(self) -> None:
         """Fill ``available``/``note``/``version`` (cheap checks only)."""
+
+    def prepare(self, run_dir: Path) -> None:
+        """Set up what the backend needs for this run (before the trial mount)."""
+
+    def shutdown(self) -> None:
+        """Undo :meth:`prepare`; never raises."""
 
     def mount_argv(
         self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool
@@ -124,7 +136,7 @@ class Backend:
     def mount(self, lowers: list[Path], upper: Path, work: Path, mnt: Path, fsync: bool) -> None:
         """Run the mount command; for FUSE, return once the mountpoint is listed."""
         argv, cwd = self.mount_argv(lowers, upper, work, mnt, fsync)
-        _run(argv, cwd=cwd)
+        _run(argv, cwd=cwd, env=self.env)
         if self.fuse:
             _wait_mounted(str(mnt))
 
@@ -252,13 +264,59 @@ class UnionfsBackend(Backend):
             opts += ",fsync=0"
         return [self.binary, "-o", opts, str(mnt)], None
 
+    def prepare(self, run_dir: Path) -> None:
+        """Never a mount server: the socket variable names a path where none listens (a
+        server of the user's own would otherwise serve these mounts)."""
+        self.env = {**os.environ, "UNIONFS_SERVER_SOCKET": str(run_dir / "no-server.sock")}
+
     def _unmount(self, mnt: Path) -> None:
         try:
-            _run([self.binary, "umount", str(mnt)])
+            _run([self.binary, "umount", str(mnt)], env=self.env)
         except (MountError, OSError):
             _run(["fusermount3", "-u", str(mnt)])
         if is_mountpoint(mnt):
             _run(["fusermount3", "-u", str(mnt)])
+
+
+class UnionfsServerBackend(UnionfsBackend):
+    """unionfs with its mount server (``unionfs server``): a private server for the run.
+
+    The same command line as ``unionfs``; the command hands the mount to a resident,
+    pre-imported server listening on a socket of this run, which forks the mount's daemon.
+    """
+
+    def __init__(self, binary: str | None = None) -> None:
+        super().__init__(binary)
+        self.name = "unionfs-server"
+        self.started = False
+
+    def probe(self) -> None:
+        """Present, and has a ``server`` command."""
+        super().probe()
+        if self.available:
+            proc = subprocess.run(
+                [self.binary, "server", "--help"], capture_output=True, timeout=60, check=False
+            )
+            if proc.returncode != 0:
+                self.available, self.note = False, "no 'unionfs server' command"
+
+    def prepare(self, run_dir: Path) -> None:
+        """Start a server on a socket in a private directory of the run."""
+        sock_dir = run_dir / "unionfs-server"
+        sock_dir.mkdir(mode=0o700)
+        self.env = {**os.environ, "UNIONFS_SERVER_SOCKET": str(sock_dir / "server.sock")}
+        _run([self.binary, "server", "start", "--idle-exit", "7200"], env=self.env)
+        self.started = True
+        _run([self.binary, "server", "status"], env=self.env)
+
+    def shutdown(self) -> None:
+        """Stop the run's server (its mounts' daemons are separate processes)."""
+        if self.started:
+            self.started = False
+            try:
+                _run([self.binary, "server", "stop"], env=self.env, timeout=60)
+            except (MountError, OSError, subprocess.SubprocessError):
+                pass
 
 
 class UnionfsFuseBackend(Backend):
@@ -319,7 +377,7 @@ class BareBackend(Backend):
         _run(["umount", str(mnt)])
 
 
-ALL_BACKENDS = ("kernel", "fuse-overlayfs", "unionfs", "unionfs-fuse", "bare")
+ALL_BACKENDS = ("kernel", "fuse-overlayfs", "unionfs", "unionfs-server", "unionfs-fuse", "bare")
 DEFAULT_BACKENDS = ("kernel", "fuse-overlayfs", "unionfs", "bare")
 FLOOR_BACKENDS = ("bare",)  # run only the workloads marked ``floor``
 
@@ -332,6 +390,8 @@ def make_backend(name: str, unionfs_bin: str | None = None) -> Backend:
         return FuseOverlayfsBackend()
     if name == "unionfs":
         return UnionfsBackend(unionfs_bin)
+    if name == "unionfs-server":
+        return UnionfsServerBackend(unionfs_bin)
     if name == "unionfs-fuse":
         return UnionfsFuseBackend()
     if name == "bare":
@@ -390,7 +450,12 @@ class MountTracker:
         with tempfile.TemporaryFile() as errf:
             t0 = time.perf_counter()
             proc = subprocess.Popen(
-                argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf
+                argv,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errf,
+                env=backend.env,
             )
             deadline = time.monotonic() + 60
             while True:

@@ -218,7 +218,7 @@ class FixtureCache:
     def stacks(self) -> Fixture:
         """Filler layers ``0..max-2`` and a bottom layer ``b``; files only in the bottom."""
         s = self.scale
-        params = {"depth": max(s.stack_depths), "files": s.lookup_files}
+        params = {"depth": max(*s.stack_depths, *s.ready_depths), "files": s.lookup_files}
         return self._get("stacks", params, lambda tmp: _build_stacks(tmp, params))
 
     def stack_layers(self, fx: Fixture, depth: int) -> list[Path]:

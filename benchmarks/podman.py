@@ -180,7 +180,7 @@ class Store:
         )
         (base / "registries.conf").write_text("unqualified-search-registries = []\n")
         self.env = {
-            **os.environ,
+            **(backend.env or os.environ),  # unionfs: which mount server (if any) it uses
             "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
             "CONTAINERS_CONF": str(base / "containers.conf"),
             "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf"),

@@ -176,6 +176,8 @@ class Harness:
         if self.podman is not None:
             self.podman.cleanup()
         self.tracker.unmount_all()
+        for b in self.backends:
+            b.shutdown()
         try:
             safe_rmtree(self.run_dir)
             if self.runs.is_dir() and not any(self.runs.iterdir()):
@@ -189,6 +191,11 @@ class Harness:
         trial = self.run_dir / "probe"
         for b in self.backends:
             b.probe()
+            if b.available:
+                try:
+                    b.prepare(self.run_dir)
+                except (MountError, OSError, subprocess.SubprocessError) as exc:
+                    b.available, b.note = False, f"set-up failed: {exc}"
             if not b.available:
                 log(f"skipping {b.name}: {b.note}")
                 continue
@@ -216,7 +223,7 @@ class Harness:
         if b.name in FLOOR_BACKENDS:
             return w.floor
         if w.kind == "podman":
-            return b.name in ("kernel", "fuse-overlayfs", "unionfs")
+            return b.name in ("kernel", "fuse-overlayfs", "unionfs", "unionfs-server")
         return True
 
     @contextlib.contextmanager
