@@ -415,6 +415,12 @@ def markdown(report: dict[str, Any], plots: dict[str, str], title: str) -> str:
         "Cells: median (min–max) of the timed run. Ratios: median / median of the reference "
         "(lower is better)."
     )
+    if meta.get("cpu_placement", "free") != "free":
+        out += [
+            "",
+            f"_CPU placement `{meta['cpu_placement']}`: worker on CPU 0, FUSE daemons on CPU "
+            f"{0 if meta['cpu_placement'] == 'same' else 1}._",
+        ]
     if meta.get("samples_reduced_for_time"):
         out += ["", "_Some workloads got fewer samples to fit the time budget._"]
     if meta.get("interrupted"):

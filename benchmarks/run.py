@@ -254,9 +254,20 @@ class Harness:
             if w.write:
                 os.sync()
 
-    @staticmethod
-    def _worker(spec: dict[str, Any], wrap: Any = None) -> dict[str, Any]:
+    def place(self, b: Backend, mnt: Path) -> None:
+        """``--cpu same|cross``: pin every thread of the mount's daemon to CPU 0 (same as the
+        worker) or CPU 1 (the other one)."""
+        pid = b.daemon_pids.get(str(mnt))
+        if self.args.cpu == "free" or not b.fuse or not pid:
+            return
+        cpu = "0" if self.args.cpu == "same" else "1"
+        argv = ["taskset", "-a", "-p", "-c", cpu, str(pid)]
+        subprocess.run(argv, capture_output=True, check=True)
+
+    def _worker(self, spec: dict[str, Any], wrap: Any = None) -> dict[str, Any]:
         argv = [sys.executable, str(WORKER), json.dumps(spec)]
+        if self.args.cpu != "free":
+            argv = ["taskset", "-c", "0", *argv]
         proc = subprocess.run(
             wrap(argv) if wrap else argv,
             capture_output=True,
@@ -272,6 +283,7 @@ class Harness:
     def count_requests(self, b: Backend, w: Workload, v: Variant) -> None:
         """One extra, untimed sample under ``perf stat``: FUSE requests per operation."""
         with self.mounted(b, w, v) as (mnt, _):
+            self.place(b, mnt)
             if w.cold:
                 drop_caches()
             counter = fusecount.RequestCounter(mnt)
@@ -300,6 +312,7 @@ class Harness:
         with self.mounted(b, w, v) as (mnt, mount_seconds):
             if w.kind in ("mount", "ready"):
                 return {"value": mount_seconds, "ops": 1}
+            self.place(b, mnt)
             if w.cold:
                 drop_caches()
             res = self._worker(self.fixtures.spec(w, mnt))
@@ -423,6 +436,7 @@ class Harness:
             "duration_s": time.time() - started,
             "interrupted": self.interrupted,
             "samples_reduced_for_time": self.reduced,
+            "cpu_placement": self.args.cpu,
             "request_counts": self.count_note
             or ("perf stat, fuse:fuse_request_send" if self.requests else ""),
             "argv": sys.argv[1:],
@@ -484,6 +498,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default 2.8 with --quick, none otherwise",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--cpu",
+        choices=("free", "same", "cross"),
+        default="free",
+        help="where the worker and a FUSE daemon run: free (the scheduler decides, default), "
+        "same (both pinned to CPU 0), cross (worker on CPU 0, daemon on CPU 1)",
+    )
     p.add_argument(
         "--no-count",
         action="store_true",

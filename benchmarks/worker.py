@@ -257,6 +257,27 @@ def op_rt_getattr(spec: dict[str, Any]) -> Callable[[], int]:
     return run
 
 
+def op_rt_getxattr(spec: dict[str, Any]) -> Callable[[], int]:
+    """``fgetxattr(fd, "security.capability")`` of an open file that has none (ENODATA):
+    the kernel caches no xattrs for FUSE, so each call is one GETXATTR round trip."""
+    import errno
+
+    count = int(spec["count"])
+    fd = os.open(spec["file"], os.O_RDONLY)
+    getx = os.getxattr
+
+    def run() -> int:
+        for _ in range(count):
+            try:
+                getx(fd, "security.capability")
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+        return count
+
+    return run
+
+
 def op_rt_neglookup(spec: dict[str, Any]) -> Callable[[], int]:
     """``lstat`` of ``count`` distinct missing names in a lower dir (never a negative-cache hit)."""
     count = int(spec["count"])
@@ -385,6 +406,7 @@ OPS: dict[str, Callable[[dict[str, Any]], Callable[[], int]]] = {
     "walk": op_walk,
     "rt_fstat": op_rt_fstat,
     "rt_getattr": op_rt_getattr,
+    "rt_getxattr": op_rt_getxattr,
     "rt_neglookup": op_rt_neglookup,
     "rt_create": op_rt_create,
     "xwalk": op_xwalk,

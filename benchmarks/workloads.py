@@ -229,6 +229,14 @@ def container_catalogue(scale: Scale) -> list[Workload]:
             **rt,
         ),
         Workload(
+            "rt_getxattr",
+            "round trip: getxattr security.capability of an open fd (ENODATA)",
+            "roundtrip",
+            op="rt_getxattr",
+            params={"count": n},
+            **rt,
+        ),
+        Workload(
             "rt_neglookup",
             "round trip: negative lookup (new name each)",
             "roundtrip",
