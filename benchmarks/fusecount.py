@@ -75,9 +75,9 @@ def connection_id(mnt: str | Path) -> int:
 class RequestCounter:
     """``perf stat`` wrapped around one worker run; :meth:`result` gives counts per opcode."""
 
-    def __init__(self, mnt: str | Path) -> None:
+    def __init__(self, mnt: str | Path, tmp: str | Path | None = None) -> None:
         self.conn = connection_id(mnt)
-        self.dir = Path(tempfile.mkdtemp(prefix="unionfs-bench-perf-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="unionfs-bench-perf-", dir=tmp))
         self.ctl, self.ack, self.out = self.dir / "ctl", self.dir / "ack", self.dir / "out"
         os.mkfifo(self.ctl)
         os.mkfifo(self.ack)

@@ -286,7 +286,7 @@ class Harness:
             self.place(b, mnt)
             if w.cold:
                 drop_caches()
-            counter = fusecount.RequestCounter(mnt)
+            counter = fusecount.RequestCounter(mnt, self.run_dir)
             try:
                 spec = {**self.fixtures.spec(w, mnt), **counter.spec()}
                 res = self._worker(spec, counter.wrap)
