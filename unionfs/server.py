@@ -36,6 +36,8 @@ from unionfs.paths import private_dir, server_socket
 # A request: one SOCK_SEQPACKET message (:func:`unionfs.launch.encode_request`), with the
 # caller's working directory, stdin, stdout and stderr as SCM_RIGHTS descriptors, in order.
 MAX_REQUEST = 1 << 20
+# How long ``unionfs server stop`` waits for the server to finish the requests in progress.
+STOP_WAIT = 60.0
 # Modules a mount needs, imported once by the server instead of by every mount.
 PRELOAD = (
     "pyfuse3",
@@ -271,12 +273,19 @@ def stop(path: Path) -> bool:
         conn.close()
     if kind != b"stopping" or not value.isdigit():
         return False
-    while True:
-        try:
-            os.kill(int(value), 0)
-        except ProcessLookupError:
-            return True
+    deadline = time.monotonic() + STOP_WAIT
+    while time.monotonic() < deadline and _alive(int(value)):
         time.sleep(0.02)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def main(args: list[str]) -> int:
