@@ -1,5 +1,6 @@
-"""Where a user's unionfs state lives. Imports nothing heavy (not even pathlib): the
-launcher reads it before it decides whether anything else must be imported at all."""
+"""Where a user's unionfs state lives, and whether a process it names still runs. Imports
+nothing heavy (not even pathlib): the launcher reads it before it decides whether anything
+else must be imported at all."""
 
 from __future__ import annotations
 
@@ -57,3 +58,12 @@ def private_dir(path: str | os.PathLike[str], create: bool = True) -> bool:
     except OSError:
         return False
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False

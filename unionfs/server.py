@@ -31,7 +31,7 @@ from pathlib import Path
 
 from unionfs.errors import UnionfsError
 from unionfs.launch import REQUEST_FDS, decode_request, encode_request
-from unionfs.paths import private_dir, server_socket
+from unionfs.paths import alive, private_dir, server_socket
 
 # A request: one SOCK_SEQPACKET message (:func:`unionfs.launch.encode_request`), with the
 # caller's working directory, stdin, stdout and stderr as SCM_RIGHTS descriptors, in order.
@@ -274,18 +274,9 @@ def stop(path: Path) -> bool:
     if kind != b"stopping" or not value.isdigit():
         return False
     deadline = time.monotonic() + STOP_WAIT
-    while time.monotonic() < deadline and _alive(int(value)):
+    while time.monotonic() < deadline and alive(int(value)):
         time.sleep(0.02)
     return True
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie, exited but not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
 
 
 def main(args: list[str]) -> int:

@@ -39,6 +39,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from unionfs.paths import alive
+
 ROOT = Path(__file__).resolve().parents[2]
 UNIONFS = str(ROOT / ".venv" / "bin" / "unionfs")
 FUSE_OVERLAYFS = shutil.which("fuse-overlayfs") or "/usr/bin/fuse-overlayfs"
@@ -454,7 +456,7 @@ class Engine:
         pause = self.xdg / "libpod" / "tmp" / "pause.pid"
         with contextlib.suppress(OSError, ValueError):
             out.append(int(pause.read_text().strip()))
-        return sorted(pid for pid in set(out) if _alive(pid))
+        return sorted(pid for pid in set(out) if alive(pid))
 
     def mounts(self) -> list[str]:
         """Mount points under this engine's directory, deepest first."""
@@ -482,15 +484,6 @@ class Engine:
             leftovers.append(f"mount {mnt}")
             subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
         return leftovers
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie has exited: it waits only for its parent to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _cmdline(pid: int) -> str:

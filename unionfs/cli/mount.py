@@ -22,6 +22,7 @@ import time
 from unionfs import config
 from unionfs.cli.args import ArgumentParser, split_options
 from unionfs.errors import UnionfsError, UsageError
+from unionfs.paths import alive
 
 HELPER_PATH = "/sbin/mount.fuse.unionfs"
 
@@ -147,11 +148,7 @@ def _wait_exit(pid: int, mountpoint: str, timeout: float = 30.0) -> None:
                     return  # the pid now belongs to another program: ours is gone
         except FileNotFoundError:
             return
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(") ", 1)[1].startswith("Z"):
-                    return
-        except (FileNotFoundError, IndexError):
+        if not alive(pid):
             return
         time.sleep(0.02)
 
