@@ -65,7 +65,7 @@ def sizes(scale: Scale) -> dict[str, int]:
     return {"pkg_a": 300, "pkg_b": 200, "steps": 8}
 
 
-def _ulimits() -> list[str]:
+def default_ulimits() -> list[str]:
     """nofile/nproc within this process's hard limits (runc fails above them)."""
     out = []
     for name, res in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
@@ -170,7 +170,7 @@ class Store:
             f'graphroot = "{self.root}"\nrunroot = "{self.runroot}"\n'
             f'[storage.options.overlay]\n{overlay}mountopt = "nodev"\n'
         )
-        ulimits = ", ".join(_ulimits())
+        ulimits = ", ".join(default_ulimits())
         (base / "containers.conf").write_text(
             f'[containers]\nnetns = "none"\ndefault_ulimits = [{ulimits}]\n'
             '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n'

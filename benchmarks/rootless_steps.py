@@ -28,6 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.containers.podenv import (  # noqa: E402
+    CONTAINERFILE,
     FUSE_OVERLAYFS,
     Engine,
     Result,
@@ -39,13 +40,6 @@ from tests.containers.podenv import (  # noqa: E402
 )
 
 IMAGE = "localhost/bb"
-CONTAINERFILE = """\
-FROM localhost/bb
-RUN echo step1 >> /etc/motd && mkdir -p /opt/app && echo data > /opt/app/data
-RUN rm /etc/group && rm -r /usr/share/doc/pkg && mkdir /usr/share/doc/pkg \\
-    && echo rebuilt > /usr/share/doc/pkg/NEW
-RUN chown 1000:1000 /opt/app/data && rm /home/user/.profile && touch /opt/app/done
-"""
 BUILT = (
     "cat /etc/motd; ls -A /usr/share/doc/pkg; ls -A /home/user; "
     "test -e /etc/group || echo no-group; "

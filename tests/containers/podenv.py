@@ -29,7 +29,6 @@ import fcntl
 import grp
 import os
 import pwd
-import resource
 import shutil
 import signal
 import subprocess
@@ -39,7 +38,18 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from benchmarks.podman import default_ulimits
 from unionfs.paths import alive
+
+# The 3-step build of the tests and of benchmarks/rootless_steps.py: a lower file changed, a
+# lower directory removed and made again, a chown and a whiteout.
+CONTAINERFILE = """\
+FROM localhost/bb
+RUN echo step1 >> /etc/motd && mkdir -p /opt/app && echo data > /opt/app/data
+RUN rm /etc/group && rm -r /usr/share/doc/pkg && mkdir /usr/share/doc/pkg \\
+    && echo rebuilt > /usr/share/doc/pkg/NEW
+RUN chown 1000:1000 /opt/app/data && rm /home/user/.profile && touch /opt/app/done
+"""
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIONFS = str(ROOT / ".venv" / "bin" / "unionfs")
@@ -282,15 +292,6 @@ class Result:
         return self
 
 
-def _ulimits() -> list[str]:
-    out = []
-    for name, res in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
-        soft, hard = resource.getrlimit(res)
-        top = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
-        out.append(f'"{name}={top}:{top}"')
-    return out
-
-
 class Engine:
     """podman and buildah with private storage under ``base``, run as root or as ``user``."""
 
@@ -331,7 +332,7 @@ class Engine:
         (base / "containers.conf").write_text(
             "[containers]\n"
             'netns = "none"\n'
-            f"default_ulimits = [{', '.join(_ulimits())}]\n"
+            f"default_ulimits = [{', '.join(default_ulimits())}]\n"
             "[network]\n"
             f'network_config_dir = "{base / "net"}"\n'
             "[engine]\n"

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.containers.conftest import IMAGE, fuse_mounts_under
-from tests.containers.podenv import Engine, containers_subids
+from tests.containers.podenv import CONTAINERFILE, Engine, containers_subids
 from tests.mount.test_unprivileged import fuse_for_users  # noqa: F401
 
 pytestmark = pytest.mark.mount
@@ -52,13 +52,6 @@ INSPECT_OUT = (
     "/usr/share/doc/pkg/NEW 0:0 644\n"
 )
 
-CONTAINERFILE = """\
-FROM localhost/bb
-RUN echo step1 >> /etc/motd && mkdir -p /opt/app && echo data > /opt/app/data
-RUN rm /etc/group && rm -r /usr/share/doc/pkg && mkdir /usr/share/doc/pkg \\
-    && echo rebuilt > /usr/share/doc/pkg/NEW
-RUN chown 1000:1000 /opt/app/data && rm /home/user/.profile && touch /opt/app/done
-"""
 BUILT = (
     "cat /etc/motd /opt/app/data /usr/share/doc/pkg/NEW; ls -A /usr/share/doc/pkg; "
     "ls -A /home/user; "

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from unionfs.fs import introspect, listing, lookup
 from unionfs.fs.attrs import AttrChange, Attrs
 from unionfs.fs.copy_up import Change, CopyUp
-from unionfs.fs.dirops import DirOps
+from unionfs.fs.dirops import DirOps, Make
 from unionfs.fs.events import Events
 from unionfs.fs.files import Files
 from unionfs.fs.nodes import UPPER, Node, NodeTable
@@ -201,20 +201,42 @@ class Union:
                 n, io_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, made_mode, dir_fd=dir_fd
             )
 
+        node, st, fd = await self._new(
+            parent_ino, name, False, make, recording, (uid, gid), mode, umask, stat.S_IFREG
+        )
+        assert fd is not None
+        return self.files.add_handle(fd, node, UPPER, flags), lookup.attr_of(node, st, self.s)
+
+    async def _new(
+        self,
+        parent_ino: int,
+        name: bytes,
+        is_dir: bool,
+        make: Make,
+        recording: bool,
+        ids: tuple[int, int],
+        mode: int,
+        umask: int,
+        kind: int,
+        rdev: int = 0,
+    ) -> tuple[Node, os.stat_result, int | None]:
+        """Make a new object in the upper through ``make`` (:meth:`DirOps.new_entry`); with
+        ``recording``, its owner ``ids``, type ``kind`` and masked mode go to the override
+        xattr."""
+        uid, gid = ids
         with self.s.changing():
             node, st, fd = await self.dirops.new_entry(
                 parent_ino,
                 name,
-                False,
+                is_dir,
                 make,
                 *self._maker(recording, uid, gid),
                 mode=mode,
                 umask=umask,
             )
             if recording:
-                self._record(node, uid, gid, stat.S_IFREG | (stat.S_IMODE(mode) & ~umask))
-        assert fd is not None
-        return self.files.add_handle(fd, node, UPPER, flags), lookup.attr_of(node, st, self.s)
+                self._record(node, uid, gid, kind | (stat.S_IMODE(mode) & ~umask), rdev)
+        return node, st, fd
 
     def _recording(self, kind: int) -> bool:
         """Whether a new object of type ``kind`` gets its owner and mode in an override
@@ -254,18 +276,9 @@ class Union:
         def make(dir_fd: int, n: bytes) -> None:
             os.mkdir(n, made_mode, dir_fd=dir_fd)
 
-        with self.s.changing():
-            node, st, _ = await self.dirops.new_entry(
-                parent_ino,
-                name,
-                True,
-                make,
-                *self._maker(recording, uid, gid),
-                mode=mode,
-                umask=umask,
-            )
-            if recording:
-                self._record(node, uid, gid, stat.S_IFDIR | (stat.S_IMODE(mode) & ~umask))
+        node, st, _ = await self._new(
+            parent_ino, name, True, make, recording, (uid, gid), mode, umask, stat.S_IFDIR
+        )
         return lookup.attr_of(node, st, self.s)
 
     async def mknod(
@@ -294,19 +307,18 @@ class Union:
             else:
                 os.mknod(n, mode, rdev, dir_fd=dir_fd)
 
-        with self.s.changing():
-            node, st, _ = await self.dirops.new_entry(
-                parent_ino,
-                name,
-                False,
-                make,
-                *self._maker(recording, uid, gid),
-                mode=mode,
-                umask=umask,
-            )
-            if recording:
-                kind = stat.S_IFMT(mode)
-                self._record(node, uid, gid, kind | (stat.S_IMODE(mode) & ~umask), rdev)
+        node, st, _ = await self._new(
+            parent_ino,
+            name,
+            False,
+            make,
+            recording,
+            (uid, gid),
+            mode,
+            umask,
+            stat.S_IFMT(mode),
+            rdev,
+        )
         return lookup.attr_of(node, st, self.s)
 
     async def symlink(
