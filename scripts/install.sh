@@ -53,7 +53,7 @@ pip_or_die() {
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 PYFUSE3_URL=https://files.pythonhosted.org/packages/b9/a9/ce2c0513e9611ee2ffeeb482a33d23a210326801d48866df30a989562d43/pyfuse3-$PYFUSE3_VERSION.tar.gz
-PYFUSE3_LOCAL="$PYFUSE3_VERSION+unionfs.5"
+PYFUSE3_LOCAL="$PYFUSE3_VERSION+unionfs.6"
 PYFUSE3_PATCHES=(opendir-fileinfo.patch entry-node-id.patch fallocate.patch setxattr-flags.patch dont-mask.patch fast-dispatch.patch)
 WHEEL_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/unionfs/wheels"
 PYTAG=$(.venv/bin/python -c "import sys; print('cp%d%d' % sys.version_info[:2])")
