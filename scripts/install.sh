@@ -99,6 +99,9 @@ fi
 # start of the `unionfs` command about 11 ms (pathlib, urllib.parse).
 pip_or_die install -q -e ".[test,bench,zstd]" --config-settings editable_mode=compat
 rm -f "$PIP_LOG"
+# pip's console script starts Python with the site module and imports `re`; the launcher
+# (unionfs/launch.py) starts with -IS and reaches the mount server about 7 ms sooner.
+.venv/bin/python -m unionfs.launch --write-launcher .venv/bin/unionfs
 .venv/bin/python -c "import pyfuse3, trio, pyroute2; pyfuse3.FileInfo(cache_readdir=True);
 pyfuse3.EntryAttributes().node_id; pyfuse3.Operations.fallocate"
 

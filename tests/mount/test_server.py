@@ -230,3 +230,83 @@ def test_stop(server: dict[str, str]) -> None:
     assert not Path(server["UNIONFS_SERVER_SOCKET"]).exists()
     res = subprocess.run([UNIONFS, "server", "status"], env=server, capture_output=True, text=True)
     assert res.returncode == 1
+
+
+def _imported(stderr: str) -> set[str]:
+    """Module names in ``python -X importtime`` output."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Path:
+    """The launcher as install.sh writes it, for this Python and this checkout."""
+    path = tmp_path / "bin" / "unionfs"
+    path.parent.mkdir()
+    subprocess.run([sys.executable, "-m", "unionfs.launch", "--write-launcher", path], check=True)
+    return path
+
+
+def test_the_launcher_reaches_the_server_with_nothing_heavy_imported(
+    server: dict[str, str], tmp_path: Path, launcher: Path
+) -> None:
+    first = launcher.read_text().splitlines()[0]
+    assert first == f"#!{sys.executable} -IS"
+    root = _tree(tmp_path)
+    # What the kernel runs for the shebang, with the import log on.
+    res = subprocess.run(
+        [sys.executable, "-IS", "-X", "importtime", launcher, "-o", "lowerdir=lower", "mnt"],
+        cwd=root,
+        env=server,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    mnt = root / "mnt"
+    try:
+        assert (mnt / "a").read_text() == "lower a"
+        assert _forked_from_server(_daemon_of(mnt))
+        imported = _imported(res.stderr)
+        assert "unionfs.launch" in imported
+        assert not imported & {"site", "re", "pathlib", "trio", "pyfuse3", "unionfs.daemon"}
+    finally:
+        subprocess.run([launcher, "umount", str(mnt)], env=server, check=True)
+
+
+def test_without_a_server_the_launcher_runs_the_command_itself(
+    tmp_path: Path, launcher: Path
+) -> None:
+    root = _tree(tmp_path)
+    env = dict(os.environ, UNIONFS_SERVER="off", UNIONFS_STATE_DIR=str(tmp_path / "state"))
+    res = subprocess.run(
+        [launcher, "-o", "lowerdir=lower,upperdir=upper,workdir=work", "mnt"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    mnt = root / "mnt"
+    try:
+        assert not _forked_from_server(_daemon_of(mnt))
+        (mnt / "a").write_text("changed")
+        assert (root / "upper" / "a").read_text() == "changed"
+    finally:
+        subprocess.run([launcher, "umount", str(mnt)], env=env, check=True)
+    res = subprocess.run([launcher, "inspect", "--help"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "usage" in res.stdout, res.stderr
+
+
+def test_a_mount_imports_no_test_framework() -> None:
+    """What a daemon imports must not pull in pytest (trio.testing does; about 80 ms of
+    every mount's start-up before pyfuse3 3.5.0+unionfs.6)."""
+    code = (
+        "import sys, unionfs.daemon, unionfs.fuse_ops, unionfs.fs.union, unionfs.cli.mount\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')))"
+    )
+    res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
