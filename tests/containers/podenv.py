@@ -257,7 +257,7 @@ def mount_program_for(uid: int, gid: int, workdir: Path) -> str:
         "#!/usr/bin/python3 -I\n"
         "import site, sys\n"
         f"site.addsitedir({str(site / 'site-packages')!r})\n"
-        "from unionfs.cli import main\n"
+        "from unionfs.launch import main\n"
         "sys.exit(main())\n"
     )
     launcher.chmod(0o755)

@@ -173,3 +173,51 @@ def test_rootful_userns_auto(engines: Engines) -> None:
     assert out == CHANGES_OUT
     assert seen == INSPECT_OUT
     assert (out, diff, seen) == ref
+
+
+def _servers_of(uid: int) -> list[int]:
+    """Processes of ``uid`` running ``unionfs server start``: the server, and the mount
+    daemons forked from it (they keep its command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"server" in argv and b"start" in argv:
+            found.append(int(entry))
+    return found
+
+
+def test_rootless_mount_server_in_podmans_namespace(
+    engines: Engines, fuse_for_users: None
+) -> None:
+    """``podman unshare unionfs server start`` runs a server in rootless podman's own user
+    and mount namespace; the mount program podman starts there hands its mounts to it."""
+    engine = engines("rootless", "unionfs")
+    assert engine.user is not None
+    program = engine.mount_program
+    engine.podman("unshare", program, "server", "start").check()
+    try:
+        status = engine.podman("unshare", program, "server", "status").check().stdout
+        assert "listening" in status
+        assert len(_servers_of(engine.user.uid)) == 1
+        engine.podman("run", "-d", "--name", "served", IMAGE, "sleep", "60").check()
+        try:
+            # The container's mount is served by a daemon forked from the server.
+            assert len(_servers_of(engine.user.uid)) == 2
+        finally:
+            engine.rm("served").check()
+        out, diff, seen = run_changes(engine, "via-server")
+        assert out == CHANGES_OUT
+        assert seen == INSPECT_OUT
+        assert {"C /etc/motd", "D /etc/group", "A /tmp/f"} <= diff
+    finally:
+        engine.podman("unshare", program, "server", "stop").check()
+    assert _servers_of(engine.user.uid) == []
+    assert_nothing_mounted(engine)
