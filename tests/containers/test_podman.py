@@ -194,9 +194,8 @@ def _servers_of(uid: int) -> list[int]:
     return found
 
 
-def test_rootless_mount_server_in_podmans_namespace(
-    engines: Engines, fuse_for_users: None
-) -> None:
+@pytest.mark.usefixtures("fuse_for_users")
+def test_rootless_mount_server_in_podmans_namespace(engines: Engines) -> None:
     """``podman unshare unionfs server start`` runs a server in rootless podman's own user
     and mount namespace; the mount program podman starts there hands its mounts to it."""
     engine = engines("rootless", "unionfs")
