@@ -142,13 +142,31 @@ def apply(st: os.stat_result, rec: Recorded) -> os.stat_result:
     return os.stat_result(fields, extra)
 
 
-def _get(target: fdops.Target, name: bytes) -> bytes | None:
+def get_value(target: fdops.Target, name: bytes) -> bytes | None:
+    """The raw value of the override xattr ``name`` on ``target``, or None when it has none
+    (or the filesystem refuses the namespace)."""
     try:
         return fdops.getxattr(target, name)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
             return None
         raise
+
+
+def layer_name(root: fdops.Target) -> bytes | None:
+    """The override name a layer carries, decided by its root directory ``root``: the first
+    of :data:`unionfs.format.OVERRIDE_STAT` it has, or None. A mount without the option
+    reads the layer by this name, and only by it."""
+    for name in format.OVERRIDE_STAT:
+        if get_value(root, name) is not None:
+            return name
+    return None
+
+
+def carries(st_mode: int) -> bool:
+    """Whether an object of this type has its override read: regular files and directories
+    (``user.*`` xattrs exist on nothing else; a value on anything else is ignored)."""
+    return stat.S_ISREG(st_mode) or stat.S_ISDIR(st_mode)
 
 
 class Overrides:
@@ -164,14 +182,7 @@ class Overrides:
         None when no layer carries a name and the option is off. Writes the upper root's
         value when the option is on, the mount writable and the root has none; a refused
         write is a one-line error."""
-        read: list[bytes | None] = []
-        for index in range(len(stack)):
-            found = None
-            for name in format.OVERRIDE_STAT:
-                if _get(stack[index].root_fd, name) is not None:
-                    found = name
-                    break
-            read.append(found)
+        read = [layer_name(stack[index].root_fd) for index in range(len(stack))]
         write = None
         if level and stack.has_upper and writable:
             upper = stack[0].root_fd
@@ -180,12 +191,12 @@ class Overrides:
             else:
                 write = CONTAINERS if read[0] == CONTAINERS else USER
             read[0] = write
-            if _get(upper, write) is None:
+            if get_value(upper, write) is None:
                 value = None
                 for index in range(1, len(stack)):
                     names = (write, CONTAINERS) if level == 2 else (write,)
                     for name in names:
-                        value = _get(stack[index].root_fd, name)
+                        value = get_value(stack[index].root_fd, name)
                         if value is not None:
                             break
                     if value is not None:
@@ -209,12 +220,12 @@ class Overrides:
         name = self.read[layer]
         if name is None:
             return None
-        value = _get(target, name)
+        value = get_value(target, name)
         return None if value is None else parse(value)
 
     def shown(self, layer: int, target: fdops.Target, st: os.stat_result) -> os.stat_result:
         """``st`` of the object ``target`` of ``layer`` as the mount shows it."""
-        if self.read[layer] is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        if self.read[layer] is None or not carries(st.st_mode):
             return st
         try:
             rec = self.recorded(layer, target)
@@ -225,7 +236,7 @@ class Overrides:
     def can_record(self, st_mode: int) -> bool:
         """Whether an upper object of this type carries the override (regular files and
         directories: ``user.*`` xattrs exist on nothing else)."""
-        return self.write is not None and (stat.S_ISREG(st_mode) or stat.S_ISDIR(st_mode))
+        return self.write is not None and carries(st_mode)
 
     def record(self, target: fdops.Target, uid: int, gid: int, st_mode: int, rdev: int = 0) -> None:
         """Write the override of an upper object."""

@@ -13,6 +13,12 @@ merged view with the upper on top (the "after"). Rules, following Docker's overl
   one, and always when something below it changed (Docker reports changed parents);
   a directory that was copied up without any change is not reported.
 
+Modes and owners are compared as a mount shows them: a layer that keeps them in an override
+xattr (``xattr_permissions``, containers-storage) is read through it, each layer by the name
+its own root carries (:class:`unionfs.layertools.layerscan.LayerOverrides`), so a directory
+copied up unchanged by a mount with the option is not reported, and one whose chmod or chown
+went to the xattr is.
+
 Without lowers the "before" view is unknown: every upper entry is ``A`` and every whiteout
 ``D``. Output is sorted by path components, so a directory comes right before its contents.
 """
@@ -25,8 +31,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from unionfs import fdops
 from unionfs.errors import UnionfsError
-from unionfs.layertools.layerscan import LayerPath, display, is_dir, open_dir, opened_dir, scan_dir
+from unionfs.layertools.layerscan import (
+    LayerDir,
+    LayerOverrides,
+    LayerPath,
+    display,
+    is_dir,
+    open_dir,
+    opened_dir,
+    scan_dir,
+)
 
 ADDED = "A"
 CHANGED = "C"
@@ -49,15 +65,19 @@ class LowerView:
 
     Resolution follows the overlayfs rules: the topmost layer holding a name wins, a whiteout
     ends the search, a non-directory ends a merge, an opaque directory stops it. Every step
-    is an ``openat`` relative to a directory descriptor, never following symlinks.
+    is an ``openat`` relative to a directory descriptor, never following symlinks. Stats are
+    as a mount shows them (each layer's override xattrs applied).
     """
 
     def __init__(self, lowers: Sequence[Path]) -> None:
         self._roots: list[int] = []
-        self._dirs: dict[LayerPath, list[int]] = {}
+        self._overrides: list[LayerOverrides] = []
+        # Per merged path: (layer index, descriptor) of each layer's directory, top first.
+        self._dirs: dict[LayerPath, list[tuple[int, int]]] = {}
         try:
             for lower in lowers:
                 self._roots.append(open_dir(os.fsencode(lower)))
+                self._overrides.append(LayerOverrides.of_root(self._roots[-1]))
         except OSError as exc:
             self.close()
             raise UnionfsError(f"cannot open lower layer {exc.filename!r}: {exc.strerror}") from exc
@@ -65,8 +85,8 @@ class LowerView:
 
     def close(self) -> None:
         """Close every descriptor this view holds."""
-        for fds in self._dirs.values():
-            for fd in fds:
+        for dirs in self._dirs.values():
+            for _layer, fd in dirs:
                 if fd not in self._roots:
                     os.close(fd)
         for fd in self._roots:
@@ -80,8 +100,8 @@ class LowerView:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _layer_dirs(self, path: LayerPath) -> list[int]:
-        """Descriptors of the layers' directories merged at ``path``, top first.
+    def _layer_dirs(self, path: LayerPath) -> list[tuple[int, int]]:
+        """Layer index and descriptor of the layers' directories merged at ``path``, top first.
 
         Built one level at a time from the deepest ancestor already known (no recursion, so
         any depth works); every level is cached until :meth:`release`.
@@ -92,9 +112,9 @@ class LowerView:
         while depth > 0 and path[:depth] not in self._dirs:
             depth -= 1
         if depth == 0 and () not in self._dirs:
-            merged: list[int] = []
-            for fd in self._roots:
-                merged.append(fd)
+            merged: list[tuple[int, int]] = []
+            for layer, fd in enumerate(self._roots):
+                merged.append((layer, fd))
                 if scan_dir(fd).opaque:
                     break
             self._dirs[()] = merged
@@ -105,10 +125,10 @@ class LowerView:
         return self._dirs[path]
 
     @staticmethod
-    def _merge_child(parents: list[int], name: bytes) -> list[int]:
+    def _merge_child(parents: list[tuple[int, int]], name: bytes) -> list[tuple[int, int]]:
         """The merged directories ``name`` inside the merged directories ``parents``."""
         merged = []
-        for parent_fd in parents:
+        for index, parent_fd in parents:
             layer = scan_dir(parent_fd)
             st = layer.entries.get(name)
             if st is None:
@@ -118,7 +138,7 @@ class LowerView:
             if not is_dir(st):
                 break
             fd = open_dir(name, parent_fd)
-            merged.append(fd)
+            merged.append((index, fd))
             if scan_dir(fd).opaque or name in layer.whiteouts:
                 break
         return merged
@@ -131,25 +151,28 @@ class LowerView:
         """
         if not path:
             return
-        for fd in self._dirs.pop(path, []):
+        for _layer, fd in self._dirs.pop(path, []):
             if fd not in self._roots:
                 os.close(fd)
 
     def lookup(self, path: LayerPath) -> os.stat_result | None:
         """The ``lstat`` of ``path`` in the lowers' merged view, or None when it is absent."""
         if not path:
-            return os.fstat(self._roots[0]) if self._roots else None
+            if not self._roots:
+                return None
+            return self._overrides[0].shown(self._roots[0], os.fstat(self._roots[0]), ())
         return self.listdir(path[:-1]).get(path[-1])
 
     def listdir(self, path: LayerPath) -> dict[bytes, os.stat_result]:
         """The merged entries of directory ``path`` (empty when it is not a directory)."""
         merged: dict[bytes, os.stat_result] = {}
         hidden: set[bytes] = set()
-        for fd in self._layer_dirs(path):
+        for index, fd in self._layer_dirs(path):
             layer = scan_dir(fd)
             for name, st in layer.entries.items():
                 if name not in merged and name not in hidden:
-                    merged[name] = st
+                    target = fdops.at_path(fd, name)
+                    merged[name] = self._overrides[index].shown(target, st, path + (name,))
             hidden |= layer.whiteouts
         return merged
 
@@ -173,20 +196,31 @@ class _Pending:
     subdirs: list[tuple[bytes, bool, bool]]
 
 
+def _shown_entries(upper_fd: int, path: LayerPath, overrides: LayerOverrides) -> LayerDir:
+    """:func:`scan_dir` of the upper directory ``path``, its stats as a mount shows them."""
+    layer = scan_dir(upper_fd)
+    if overrides.name is not None:
+        for name, st in layer.entries.items():
+            layer.entries[name] = overrides.shown(fdops.at_path(upper_fd, name), st, path + (name,))
+    return layer
+
+
 def _record(
     upper_fd: int,
     path: LayerPath,
     lowers: LowerView,
     out: dict[LayerPath, str],
     whited_out: bool,
+    overrides: LayerOverrides,
 ) -> tuple[bool, list[tuple[bytes, bool, bool]]]:
     """Record the changes of the entries of directory ``path`` in ``out``.
 
     Returns whether the directory is opaque, and its subdirectories to walk. ``whited_out``
     says the parent also holds a whiteout for this directory (OCI markers kept beside a new
-    directory of the same name): it hides the lower directory like opaque does.
+    directory of the same name): it hides the lower directory like opaque does. ``overrides``
+    are the upper's.
     """
-    layer = scan_dir(upper_fd)
+    layer = _shown_entries(upper_fd, path, overrides)
     layer.opaque = layer.opaque or whited_out
     below = lowers.listdir(path) if lowers.known else {}
     for name in layer.whiteouts:
@@ -214,7 +248,8 @@ def _walk(upper_fd: int, lowers: LowerView, out: dict[LayerPath, str]) -> None:
 
     Iterative (an explicit stack, one descriptor per level), so any depth works.
     """
-    stack = [_Pending(upper_fd, (), _record(upper_fd, (), lowers, out, False)[1])]
+    overrides = LayerOverrides.of_root(upper_fd)
+    stack = [_Pending(upper_fd, (), _record(upper_fd, (), lowers, out, False, overrides)[1])]
     try:
         while stack:
             top = stack[-1]
@@ -223,7 +258,9 @@ def _walk(upper_fd: int, lowers: LowerView, out: dict[LayerPath, str]) -> None:
                 child = top.path + (name,)
                 child_fd = open_dir(name, top.fd)
                 stack.append(_Pending(child_fd, child, []))  # pushed first: always closed
-                opaque, stack[-1].subdirs = _record(child_fd, child, lowers, out, whited_out)
+                opaque, stack[-1].subdirs = _record(
+                    child_fd, child, lowers, out, whited_out, overrides
+                )
                 if opaque and exists_below:
                     out[child] = CHANGED
                 continue

@@ -9,6 +9,11 @@ Mapping from the overlayfs upper to tar members (see ``docs/layers.md``):
 * whiteouts in any form (char 0/0, ``.wh.<name>``, xattr whiteout) become empty regular
   ``.wh.<name>`` members with mode 0600 and the owner and mtime of the marker;
 * hard links inside the upper become tar hard-link members pointing at the first path met;
+* an upper written with ``xattr_permissions`` (or by containers-storage without the right to
+  chown) keeps owners and modes in an override xattr (:mod:`unionfs.fs.override`): members
+  carry the owner, group, mode and type the mount showed, read by the one name the upper's
+  root carries, as a mount without the option reads it; the override xattrs are never
+  exported;
 * headers are PAX with numeric owners, empty user and group names, no atime or ctime, the
   mtime with nanoseconds (a PAX ``mtime`` record when it is not a whole second), and the
   xattrs as ``SCHILY.xattr.<name>`` records in name order. Internal xattrs
@@ -38,6 +43,7 @@ from typing import IO, Any, BinaryIO, cast
 from unionfs import fdops, format
 from unionfs.errors import UnionfsError
 from unionfs.layertools.layerscan import (
+    LayerOverrides,
     LayerPath,
     display,
     is_dir,
@@ -61,6 +67,11 @@ ZSTD_LEVEL = 3
 
 # Excluded besides the internal namespaces: an SELinux label belongs to the host it was set on.
 _HOST_XATTRS = (b"security.selinux",)
+# Owner and mode kept in an xattr (all three names, whichever the layer is read by), and the
+# rest of fuse-overlayfs's security namespace: a mount never shows them; the owner and mode
+# they record go into the header instead.
+_OVERRIDE_XATTRS = format.OVERRIDE_STAT
+_FUSE_OVERLAYFS_SECURITY = b"security.fuseoverlayfs."
 # Upper entries the OCI format cannot express: their meaning lives partly in a lower layer.
 _UNEXPORTABLE_XATTRS = (
     b"trusted.overlay.redirect",
@@ -159,7 +170,12 @@ def _xattrs(target: bytes | int, where: LayerPath) -> list[tuple[bytes, bytes]]:
                 f"{display(where)} uses the overlayfs {os.fsdecode(name)} feature, "
                 "which an OCI layer cannot express; mount with redirect_dir=off,metacopy=off"
             )
-        if format.is_internal_xattr(name) or name in _HOST_XATTRS:
+        if (
+            format.is_internal_xattr(name)
+            or name in _HOST_XATTRS
+            or name in _OVERRIDE_XATTRS
+            or name.startswith(_FUSE_OVERLAYFS_SECURITY)
+        ):
             continue
         try:
             value = os.getxattr(target, name, follow_symlinks=follow)
@@ -211,10 +227,15 @@ class _Frame:
 
 
 class _Walker:
-    """Produces the members of an upper in the documented order (see the module docstring)."""
+    """Produces the members of an upper in the documented order (see the module docstring).
 
-    def __init__(self) -> None:
+    Every stat goes through ``overrides`` first: a member carries the owner, mode and type
+    a mount showed, not the upper inode's (see :class:`LayerOverrides`).
+    """
+
+    def __init__(self, overrides: LayerOverrides) -> None:
         self.first_link: dict[tuple[int, int], str] = {}
+        self.overrides = overrides
 
     def members(self, root_fd: int) -> Iterator[_Member]:
         """The members below the upper root open as ``root_fd`` (the root itself excluded).
@@ -234,14 +255,15 @@ class _Walker:
                         os.close(frame.fd)
                     continue
                 name = frame.names.pop()
-                st = frame.entries[name]
                 child = frame.path + (name,)
+                target = fdops.at_path(frame.fd, name)
+                st = self.overrides.shown(target, frame.entries[name], child)
                 if stat.S_ISSOCK(st.st_mode):
                     log.warning(
                         "skipping socket %s: a tar layer cannot hold sockets", display(child)
                     )
                     continue
-                info = _header(child, st, _xattrs(fdops.at_path(frame.fd, name), child))
+                info = _header(child, st, _xattrs(target, child))
                 self._set_type(info, st, frame.fd, name)
                 yield _Member(info, frame.fd, name)
                 if is_dir(st):
@@ -263,14 +285,19 @@ class _Walker:
         frame.whiteouts = layer.whiteouts
         frame.names = sorted(layer.entries, reverse=True)  # popped from the end: name order
         if layer.opaque or whited_out:
-            dir_st = os.fstat(frame.fd)
+            # The directory's own member has already warned about a malformed value.
+            dir_st = self.overrides.shown(frame.fd, os.fstat(frame.fd), frame.path, warn=False)
             yield self._marker(frame.path + (format.OCI_OPAQUE_NAME,), dir_st, frame.fd)
         for target in sorted(layer.whiteouts - layer.entries.keys()):
             marker = format.OCI_WHITEOUT_PREFIX + target
             try:
                 st = os.stat(target, dir_fd=frame.fd, follow_symlinks=False)
+                found = target
             except FileNotFoundError:
                 st = os.stat(marker, dir_fd=frame.fd, follow_symlinks=False)
+                found = marker
+            where = frame.path + (found,)
+            st = self.overrides.shown(fdops.at_path(frame.fd, found), st, where)
             yield self._marker(frame.path + (marker,), st, frame.fd)
 
     def _marker(self, path: LayerPath, st: os.stat_result, dir_fd: int) -> _Member:
@@ -356,10 +383,12 @@ def export_layer(
                 errors="surrogateescape",
             ) as tar,
         ):
-            root_info = _header((), os.fstat(root_fd), _xattrs(root_fd, ()))
+            overrides = LayerOverrides.of_root(root_fd)
+            root_st = overrides.shown(root_fd, os.fstat(root_fd), ())
+            root_info = _header((), root_st, _xattrs(root_fd, ()))
             root_info.type = tarfile.DIRTYPE
             tar.addfile(root_info)
-            for member in _Walker().members(root_fd):
+            for member in _Walker(overrides).members(root_fd):
                 if member.info.type != tarfile.REGTYPE or member.info.size == 0:
                     tar.addfile(member.info)
                     continue

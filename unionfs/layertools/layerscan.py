@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from unionfs import format
+from unionfs import fdops, format
+from unionfs.fs import override
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,51 @@ def scan_dir(dir_fd: int) -> LayerDir:
     for name in sorted(names):
         result.entries[name] = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     return result
+
+
+@dataclass(frozen=True)
+class LayerOverrides:
+    """The owner and mode one layer records in an override xattr (:mod:`unionfs.fs.override`),
+    read as a mount without ``xattr_permissions`` reads them once the layer is a lower.
+
+    ``name`` is the one name the layer is read by (:func:`unionfs.fs.override.layer_name`: the
+    first of ``security.fuseoverlayfs``, ``user.containers``, ``user.fuseoverlayfs`` that its
+    root carries); values under the other names are ignored, as the mount ignores them.
+    """
+
+    name: bytes | None
+
+    @classmethod
+    def of_root(cls, root_fd: int) -> LayerOverrides:
+        """The overrides of the layer whose root directory is open as ``root_fd``."""
+        return cls(override.layer_name(root_fd))
+
+    def shown(
+        self, target: fdops.Target, st: os.stat_result, where: LayerPath, *, warn: bool = True
+    ) -> os.stat_result:
+        """``st`` of the object ``target`` (at ``where``) as a mount shows it: the recorded
+        owner, group and mode of a regular file or a directory, and the device, fifo or
+        socket a regular file stands for. A value the mount cannot parse is ignored as the
+        mount ignores it (the on-disk owner and mode stay), with a one-line warning unless
+        ``warn`` is false (the object was already reported)."""
+        if self.name is None or not override.carries(st.st_mode):
+            return st
+        value = override.get_value(target, self.name)
+        if value is None:
+            return st
+        rec = override.parse(value)
+        if rec is None:
+            if not warn:
+                return st
+            log.warning(
+                "%s: ignoring the malformed %s value %r (a mount shows the on-disk owner and "
+                "mode too)",
+                display(where),
+                os.fsdecode(self.name),
+                value,
+            )
+            return st
+        return override.apply(st, rec)
 
 
 def valid_whiteout_target(name: bytes) -> bytes | None:
