@@ -285,14 +285,19 @@ class NodeTable:
 
         Without an origin the number shown becomes the copy's own, as in the kernel; the
         node keeps its id while the kernel holds it, and a later lookup of the copy finds it.
+        The copy may have the inode number of an object removed earlier whose node id is
+        still recorded for that number: the record is replaced too, else a lookup of the
+        copy (an unlink's) would name another node than the one the kernel holds, and that
+        one would not be pinned (ESTALE for an open handle once the name is gone).
         """
         self.attrs_changed(node)
         obj = (st.st_dev, st.st_ino)
         node.obj = obj
         if not origin:
             node.st_ino = self.stack.natural_ino(*obj)
-        if node.ino != node.st_ino:
-            self.bind_id(("obj", obj), node.ino)
+        key = ("obj", obj)
+        if node.ino != node.st_ino or self.known_id(key) not in (None, node.ino):
+            self.bind_id(key, node.ino)
 
     def note_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """``name`` in ``parent`` is one more name of the multiply-linked ``node``."""
