@@ -1,16 +1,45 @@
-"""Shared fixtures: layer trees on temporary directories and real mounts that always unmount."""
+"""Shared fixtures: layer trees on temporary directories and real mounts that always unmount.
+
+The whole run keeps unionfs's mount records and daemon logs in a private directory of its own
+(``UNIONFS_STATE_DIR``), removed at the end: a test whose daemon is killed or dies leaves
+nothing in the host's /run/unionfs/mounts, and no mount is handed to a mount server the host
+may be running (its socket is found beside the state directory). Tests that run unionfs with
+an environment of their own (another user, a user namespace, podman) choose their own.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from unionfs.api import mounted
+
+_STATE_ROOT = "unionfs_state_root"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point ``UNIONFS_STATE_DIR`` at a new 0700 directory before any test module is
+    imported: :mod:`unionfs.daemon` reads it once, at import."""
+    if "unionfs.daemon" in sys.modules:
+        raise pytest.UsageError("unionfs.daemon was imported before the suite chose its state dir")
+    root = tempfile.mkdtemp(prefix="unionfs-tests-")
+    setattr(config, _STATE_ROOT, root)
+    os.environ["UNIONFS_STATE_DIR"] = os.path.join(root, "mounts")
+    os.environ.pop("UNIONFS_SERVER_SOCKET", None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = getattr(config, _STATE_ROOT, None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _mounted_under(root: Path) -> list[str]:

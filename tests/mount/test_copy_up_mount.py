@@ -105,13 +105,12 @@ def test_kill_during_copy_up_leaves_old_or_new(union: Callable[[int], Union]) ->
         pass
     mp = str(u.mnt)
     from unionfs.api import mount, unmount
+    from unionfs.daemon import read_state
 
     mount([str(u.lowers[0])], mp, str(u.upper), str(u.work))
-    pid = __import__("json").loads(
-        next(
-            Path("/run/unionfs/mounts").glob(mp.strip("/").replace("/", "_") + ".json")
-        ).read_text()
-    )["pid"]
+    state = read_state(mp)
+    assert state is not None
+    pid = state["pid"]
     proc = subprocess.Popen(
         [sys.executable, "-c", f"open({str(Path(mp) / 'big')!r}, 'r+b').write(b'N')"],
         stderr=subprocess.DEVNULL,
