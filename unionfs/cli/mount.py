@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,29 +129,144 @@ def umount(args: list[str]) -> int:
 
     mnt = os.path.realpath(ns.mountpoint)
     state = lifecycle.read_state(mnt)
+    device = _fuse_device(mnt)
     cmd = ["fusermount3", "-u"] + (["-z"] if ns.lazy else []) + [mnt]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
         raise UnionfsError(f"cannot unmount {mnt}: {msg.removeprefix('fusermount3: ')}")
     if state is not None:
-        _wait_exit(int(state["pid"]), mnt)
+        _wait_exit(int(state["pid"]), mnt, device, ns.lazy)
     return 0
 
 
-def _wait_exit(pid: int, mountpoint: str, timeout: float = 30.0) -> None:
-    """Wait until the daemon serving ``mountpoint`` has written everything and exited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"unionfs" not in f.read():
-                    return  # the pid now belongs to another program: ours is gone
-        except FileNotFoundError:
+def _wait_exit(
+    pid: int, mountpoint: str, device: str | None, lazy: bool, timeout: float = 30.0
+) -> None:
+    """Wait until the daemon serving ``mountpoint`` has written everything and exited.
+
+    A FUSE daemon serves until its mount is gone from every mount namespace: a namespace
+    made (``unshare -m``, a container runtime) while the mount existed holds a copy of it,
+    and unmounting here does not end the daemon. Such a holder is looked for at once (a scan
+    of /proc takes well under a millisecond) and then twice a second; once one is found the
+    wait ends with one line naming it rather than running out silently.
+    """
+    start = next_look = time.monotonic()
+    while time.monotonic() < start + timeout:
+        if _daemon_gone(pid):
             return
-        if not alive(pid):
-            return
+        if device is not None and time.monotonic() >= next_look:
+            holders = _holders(device)
+            if holders:
+                print(f"unionfs: {_held_message(mountpoint, pid, holders)}", file=sys.stderr)
+                return
+            next_look = time.monotonic() + 0.5
         time.sleep(0.02)
+    why = ": files opened through it before the lazy unmount keep it serving" if lazy else ""
+    print(
+        f"unionfs: {mountpoint} is unmounted, but its daemon (pid {pid}) still runs after"
+        f" {timeout:.0f} s{why}",
+        file=sys.stderr,
+    )
+
+
+def _daemon_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"unionfs" not in f.read():
+                return True  # the pid now belongs to another program: ours is gone
+    except FileNotFoundError:
+        return True
+    return not alive(pid)
+
+
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _mounts_of(mountinfo: str) -> list[tuple[str, str, bytes, str]]:
+    """(mount id, ``major:minor``, mount point, filesystem type) of each mount in a mountinfo
+    file. A mount id names one mount in one namespace: each namespace's copy has its own."""
+    out = []
+    with open(mountinfo, "rb") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index(b"-")
+            where = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
+            out.append((fields[0].decode(), fields[2].decode(), where, fields[sep + 1].decode()))
+    return out
+
+
+def _fuse_device(mountpoint: str) -> str | None:
+    """``major:minor`` of the FUSE mount on top of ``mountpoint`` here, or None."""
+    want = os.fsencode(mountpoint)
+    found = None
+    try:
+        for _, device, where, fstype in _mounts_of("/proc/self/mountinfo"):
+            if where == want:
+                found = device if fstype.startswith("fuse") else None
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def _holders(device: str) -> list[tuple[int, str, bool]]:
+    """Where the mount ``device`` (``major:minor``) is still attached: (pid, mount point,
+    whether it is in this process's namespace) for each copy of it, named by the lowest pid
+    that sees it. Every process's mountinfo can be read; a namespace already read (known
+    when the process is this user's, or root) is not read again."""
+    try:
+        here = {m[0] for m in _mounts_of("/proc/self/mountinfo") if m[1] == device}
+    except (OSError, ValueError):
+        here = set()
+    namespaces: set[int] = set()
+    copies: set[str] = set()
+    found = []
+    for name in sorted((n for n in os.listdir("/proc") if n.isdigit()), key=int):
+        try:
+            ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
+        except OSError:
+            ns = None  # another user's process: its mounts can still be read
+        if ns in namespaces:
+            continue
+        try:
+            mounts = _mounts_of(f"/proc/{name}/mountinfo")
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if ns is not None:
+            namespaces.add(ns)
+        for mount_id, dev, where, _ in mounts:
+            if dev == device and mount_id not in copies:
+                copies.add(mount_id)
+                found.append((int(name), os.fsdecode(where), mount_id in here))
+                break
+    return found
+
+
+def _held_message(mountpoint: str, pid: int, holders: list[tuple[int, str, bool]]) -> str:
+    """One line: the mount is gone here, the daemon serves on, and what still holds it."""
+    here = [where for _, where, own in holders if own]
+    others = [holder for holder, _, own in holders if not own]
+    held = []
+    if here:
+        held.append(f"at {here[0]}")
+    if others:
+        named = ", ".join(f"{p}{_comm(p)}" for p in others[:3])
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        s = "s" if len(others) > 1 else ""
+        held.append(f"in the mount namespace{s} of pid{s} {named}{more}")
+    return (
+        f"{mountpoint} is unmounted here, but its daemon (pid {pid}) keeps serving it: the"
+        f" mount is still attached {' and '.join(held)}; the daemon exits once that is gone"
+    )
+
+
+def _comm(pid: int) -> str:
+    """`` (name)`` of process ``pid``, or nothing if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f" ({f.read().strip()})"
+    except OSError:
+        return ""
 
 
 def install_helper(args: list[str]) -> int:

@@ -273,6 +273,24 @@ def clean_workdir(work_fd: int, kept: list[bytes] | None = None) -> int:
     return count
 
 
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding the flock on ``fd``'s inode, as /proc/locks tells it (None when it is
+    not listed, or the holder is outside this process's pid namespace)."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2393078 0 EOF"; a waiter has "->".
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key:
+                    pid = int(fields[4])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class Workdir:
     """The mount's workdir: locked for the mount's life, with ``work/`` open and emptied.
 
@@ -311,8 +329,12 @@ class Workdir:
         try:
             fcntl.flock(wfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _lock_holder(wfd)
             os.close(wfd)
-            raise UnionfsError(f"workdir {workdir!r} is in use by another unionfs mount") from None
+            by = f" (daemon pid {holder})" if holder else ""
+            raise UnionfsError(
+                f"workdir {workdir!r} is in use by another unionfs mount{by}"
+            ) from None
         self.lock_fd = wfd
         if read_only:
             return []
