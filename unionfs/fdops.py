@@ -292,6 +292,20 @@ def open_by_handle_at(mount_fd: int, htype: int, fid: bytes) -> int:
     return check(_open_by_handle_at(mount_fd, ctypes.byref(handle), os.O_PATH | os.O_CLOEXEC))
 
 
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+_fstatfs = libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+
+def fs_magic(fd: int) -> int:
+    """The filesystem type (``f_type`` of fstatfs) holding the open descriptor ``fd``."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first field
+    check(_fstatfs(fd, buf))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
 def fs_uuid(fd: int) -> bytes:
     """The ``s_uuid`` of the filesystem holding the open descriptor ``fd`` (16 bytes).
 

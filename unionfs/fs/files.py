@@ -132,13 +132,17 @@ class Files:
         _fallocate(handle.fd, mode, offset, length)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        """Sync a written file in a worker thread; nothing with ``fsync=0``/``volatile``."""
+        """Sync a written file in a worker thread (in the request on an upper in memory);
+        nothing with ``fsync=0``/``volatile``."""
         s = self.s
         handle = s.file_handle(fh)
         if not handle.writable or not s.opts.fsync:
             return
         sync = os.fdatasync if datasync else os.fsync
-        await trio.to_thread.run_sync(sync, handle.fd, limiter=s.limiter)
+        if s.fsync_in_request:
+            sync(handle.fd)
+        else:
+            await trio.to_thread.run_sync(sync, handle.fd, limiter=s.limiter)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         """Sync an upper directory in a worker thread (nothing for a lower one)."""
@@ -146,7 +150,10 @@ class Files:
         node = s.dir_handle(fh).node
         if s.opts.writable and s.opts.fsync and node.layers[0] == UPPER:
             fd = s.table.dir_fd(node, UPPER)
-            await trio.to_thread.run_sync(os.fsync, fd, limiter=s.limiter)
+            if s.fsync_in_request:
+                os.fsync(fd)
+            else:
+                await trio.to_thread.run_sync(os.fsync, fd, limiter=s.limiter)
 
     def release(self, fh: int) -> None:
         """Close a handle; an object whose names are all gone is let go with its last one."""
