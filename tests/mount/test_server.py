@@ -106,20 +106,26 @@ def _tree(tmp_path: Path) -> Path:
     return root
 
 
+def _mount_tree(root: Path, env: dict[str, str], *command: str | Path) -> Path:
+    """Run a mount command in ``root`` (paths relative to it, mountpoint ``mnt``); the
+    mountpoint once the command succeeded."""
+    res = subprocess.run(
+        [*command, "-o", "lowerdir=lower,upperdir=upper,workdir=work", "mnt"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    return root / "mnt"
+
+
 def test_a_mount_through_the_server_is_served_by_a_process_of_its_own(
     server: dict[str, str], tmp_path: Path
 ) -> None:
     root = _tree(tmp_path)
     # Relative paths: resolved in the caller's directory, which the server is not in.
-    res = subprocess.run(
-        [UNIONFS, "-o", "lowerdir=lower,upperdir=upper,workdir=work", "mnt"],
-        cwd=root,
-        env=server,
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stderr
-    mnt = root / "mnt"
+    mnt = _mount_tree(root, server, UNIONFS)
     try:
         assert (mnt / "a").read_text() == "lower a"
         (mnt / "a").write_text("changed")
@@ -281,15 +287,7 @@ def test_without_a_server_the_launcher_runs_the_command_itself(
 ) -> None:
     root = _tree(tmp_path)
     env = dict(os.environ, UNIONFS_SERVER="off", UNIONFS_STATE_DIR=str(tmp_path / "state"))
-    res = subprocess.run(
-        [launcher, "-o", "lowerdir=lower,upperdir=upper,workdir=work", "mnt"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stderr
-    mnt = root / "mnt"
+    mnt = _mount_tree(root, env, launcher)
     try:
         assert not _forked_from_server(_daemon_of(mnt))
         (mnt / "a").write_text("changed")
