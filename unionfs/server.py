@@ -221,12 +221,40 @@ class Server:
                 conn.close()
 
 
+def _show_command_line(args: list[str]) -> None:
+    """Show ``unionfs ARGS...`` as this process's command line (``ps``, ``pgrep -f``).
+
+    A forked child would otherwise keep the server's (``... unionfs server start``), so
+    every mount daemon would look like the server, and ``pkill -f 'unionfs server'`` would
+    end them all. The new line is written over the original one in this process's memory
+    (the kernel reads ``/proc/PID/cmdline`` from there; Python keeps its own copy of its
+    arguments), shortened in the middle when it does not fit: the mountpoint comes last.
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+    except (OSError, IndexError, ValueError):
+        return
+    room = end - start - 1  # the last byte stays NUL
+    if room < 16:
+        return
+    line = b"\0".join([b"unionfs", *(os.fsencode(a) for a in args)])
+    if len(line) > room:
+        head = room // 3
+        line = line[:head] + b"..." + line[len(line) - (room - head - 3) :]
+    ctypes.memmove(start, line.ljust(room + 1, b"\0"), room + 1)
+
+
 def _run_request(
     args: list[str], env: dict[str, str], umask: int, fds: list[int], own: tuple[int, int]
 ) -> int:
     """In the forked child: become the caller (streams, directory, umask, environment) and
     run its command line as the ``unionfs`` command would. ``own``: the server's own
     descriptors, closed here."""
+    _show_command_line(args)
     signal.set_wakeup_fd(-1)
     for fd in own:
         os.close(fd)

@@ -176,8 +176,8 @@ def test_rootful_userns_auto(engines: Engines) -> None:
 
 
 def _servers_of(uid: int) -> list[int]:
-    """Processes of ``uid`` running ``unionfs server start``: the server, and the mount
-    daemons forked from it (they keep its command line)."""
+    """Processes of ``uid`` running ``unionfs server start``, and the mount daemons forked
+    from it (their command line is the request's, ``unionfs ARGS...``)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -189,7 +189,7 @@ def _servers_of(uid: int) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"server" in argv and b"start" in argv:
+        if (b"server" in argv and b"start" in argv) or argv[0] == b"unionfs":
             found.append(int(entry))
     return found
 

@@ -52,10 +52,12 @@ def _daemon_of(mnt: Path) -> int:
 
 
 def _forked_from_server(pid: int) -> bool:
-    """Whether the daemon ``pid`` was forked from a server (it carries the server's argv)
-    rather than started by the ``unionfs`` command itself."""
+    """Whether the daemon ``pid`` was forked from a server rather than started by the
+    ``unionfs`` command itself: its command line is the request's, ``unionfs ARGS...``
+    written over the server's own, where a command's starts with the interpreter."""
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return b"server" in argv
+    assert b"server" not in argv  # never mistaken for the server (``pkill -f``)
+    return argv[0] == b"unionfs"
 
 
 def _conn_of(proc: Path, fd: str) -> str | None:
@@ -133,6 +135,8 @@ def test_a_mount_through_the_server_is_served_by_a_process_of_its_own(
         pid = _daemon_of(mnt)
         assert pid != int(server["SERVER_PID"])
         assert _forked_from_server(pid)
+        shown = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        assert shown == [b"unionfs", b"-o", b"lowerdir=lower,upperdir=upper,workdir=work", b"mnt"]
         # The record went to the caller's state directory.
         assert list(Path(server["UNIONFS_STATE_DIR"]).glob("*.json"))
     finally:
