@@ -32,6 +32,37 @@ def _remember(cache: dict[K, V], key: K, value: V) -> None:
     cache[key] = value
 
 
+# The *xattr calls on a target of Attrs._xattr_target: a str is a /proc/self/fd path of an
+# object whose name went away, followed (the magic link leads to the object itself); the
+# others are fdops targets, never followed.
+
+
+def _getxattr(target: fdops.Target | str, attr: bytes) -> bytes:
+    if isinstance(target, str):
+        return os.getxattr(target, attr)
+    return fdops.getxattr(target, attr)
+
+
+def _listxattr(target: fdops.Target | str) -> list[str]:
+    if isinstance(target, str):
+        return os.listxattr(target)
+    return fdops.listxattr(target)
+
+
+def _setxattr(target: fdops.Target | str, attr: bytes, value: bytes, flags: int) -> None:
+    if isinstance(target, str):
+        os.setxattr(target, attr, value, flags)
+    else:
+        fdops.setxattr(target, attr, value, flags)
+
+
+def _removexattr(target: fdops.Target | str, attr: bytes) -> None:
+    if isinstance(target, str):
+        os.removexattr(target, attr)
+    else:
+        fdops.removexattr(target, attr)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttrChange:
     """What one setattr changes; None: left as it is."""
@@ -67,6 +98,20 @@ class Attrs:
             return None
         return node.obj
 
+    def _unnamed(self, node: Node) -> bool:
+        """Whether ``node``'s name no longer holds its object while the kernel still holds
+        the node: its changes and xattrs then go to the object itself, never to whatever
+        holds the name now (a whiteout, a new object)."""
+        return node.pinned >= 0 and node.parent is not None and not self.s.table.named(node)
+
+    def _xattr_target(self, node: Node) -> fdops.Target | str:
+        """Where ``node``'s xattrs are: :meth:`NodeTable.xattr_target`, or for an object
+        whose name went away its ``/proc/self/fd`` path (a ``str``: followed, as the magic
+        link leads to the object itself, and no further even for a symlink)."""
+        if self._unnamed(node):
+            return fdops.proc_path(node.pinned)
+        return self.s.table.xattr_target(node)
+
     async def setattr(self, node: Node, fh: int | None, change: AttrChange) -> None:
         """Apply ``change``; copies up first (EROFS when read-only).
 
@@ -91,13 +136,16 @@ class Attrs:
         if node.parent is None:
             target: bytes | int = s.stack[UPPER].root_fd
             pfd, name = -1, b""
-        elif node.pinned >= 0 and not s.table.named(node):
+        elif self._unnamed(node):
             # Its name is gone but the kernel still holds it (fchmod, futimens ... on an open
-            # file). Only a regular file or a directory is ever reopened: a device or a fifo
-            # of a layer is never opened by the daemon.
-            if not stat.S_ISREG(os.fstat(node.pinned).st_mode) and not node.is_dir:
-                raise err(errno.ESTALE)
-            own_fd = target = fdops.reopen(node.pinned, os.O_RDONLY | os.O_CLOEXEC)
+            # file, fchownat of an O_PATH one). Only a regular file or a directory is ever
+            # reopened (the override xattr needs a real descriptor): a device, a fifo or a
+            # symlink of a layer is never opened by the daemon, and is changed through its
+            # O_PATH descriptor (see _set_attrs).
+            if stat.S_ISREG(os.fstat(node.pinned).st_mode) or node.is_dir:
+                own_fd = target = fdops.reopen(node.pinned, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                target = node.pinned
             pfd, name = -1, b""
         else:
             pfd, name = self.copier.upper_dir_fd(node.parent), node.name
@@ -123,7 +171,8 @@ class Attrs:
         mtime_ns: int | None,
     ) -> None:
         """The changes of :meth:`setattr` on the upper object ``target`` (an fd or ``name``
-        in ``pfd``)."""
+        in ``pfd``). A descriptor is changed through its ``/proc/self/fd`` path, which an
+        ``O_PATH`` one allows too (and, for a symlink, reaches the symlink itself)."""
         s = self.s
         if size is not None:
             handle = s.file_handles.get(fh) if fh is not None else None
@@ -144,7 +193,7 @@ class Attrs:
             g = -1 if gid is None else gid
             try:
                 if isinstance(target, int):
-                    os.fchown(target, u, g)
+                    os.chown(fdops.proc_path(target), u, g)
                 else:
                     os.chown(name, u, g, dir_fd=pfd, follow_symlinks=False)
             except PermissionError:
@@ -154,7 +203,7 @@ class Attrs:
                     raise
         if mode is not None:
             if isinstance(target, int):
-                os.fchmod(target, stat.S_IMODE(mode))
+                os.chmod(fdops.proc_path(target), stat.S_IMODE(mode))
             else:
                 fdops.chmod_at(pfd, name, stat.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
@@ -163,7 +212,7 @@ class Attrs:
                 atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
             if isinstance(target, int):
-                os.utime(target, ns=(atime_ns, mtime_ns))
+                os.utime(fdops.proc_path(target), ns=(atime_ns, mtime_ns))
             else:
                 os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
@@ -214,12 +263,12 @@ class Attrs:
             raise err(errno.ENODATA)
         obj = self._lower_obj(node)
         if obj is None:
-            return fdops.getxattr(self.s.table.xattr_target(node), stored)
+            return _getxattr(self._xattr_target(node), stored)
         key = (obj[0], obj[1], stored)
         known = self._lower_values.get(key)
         if known is None:
             try:
-                known = fdops.getxattr(self.s.table.xattr_target(node), stored)
+                known = _getxattr(self._xattr_target(node), stored)
             except OSError as exc:
                 if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
                     raise  # not an answer about the object (its path failed, say)
@@ -235,7 +284,7 @@ class Attrs:
         obj = self._lower_obj(node)
         names = self._lower_lists.get(obj) if obj is not None else None
         if names is None:
-            names = fdops.listxattr(self.s.table.xattr_target(node))
+            names = _listxattr(self._xattr_target(node))
             if obj is not None:
                 _remember(self._lower_lists, obj, names)
         out = []
@@ -258,7 +307,7 @@ class Attrs:
             raise err(errno.EPERM)
         s.check_writable()
         await self.copier.copy_up(node)
-        fdops.setxattr(s.table.xattr_target(node), stored, value, flags)
+        _setxattr(self._xattr_target(node), stored, value, flags)
 
     async def removexattr(self, node: Node, name: bytes) -> None:
         """Remove ``name`` (escaped like :meth:`setxattr`) from ``node`` after a copy-up;
@@ -271,7 +320,7 @@ class Attrs:
         if node.layers[0] != UPPER:
             self.getxattr(node, name)
             await self.copier.copy_up(node)
-        fdops.removexattr(s.table.xattr_target(node), stored)
+        _removexattr(self._xattr_target(node), stored)
 
     def statfs(self) -> os.statvfs_result:
         """The statfs of the top layer (the upper when there is one)."""

@@ -256,6 +256,8 @@ class CopyUp:
             if pending is None:
                 break
             await pending.wait()
+        if node.pinned >= 0:
+            self._check_gone_name(node)
         if node.is_dir:
             self.upper_dir_fd(node)
             return False
@@ -267,6 +269,38 @@ class CopyUp:
         finally:
             del self._copying[node.ino]
             done.set()
+
+    def _check_gone_name(self, node: Node) -> None:
+        """Whether a lower object whose name went away while the kernel held it may be copied
+        up to that name (fchmod, fsetxattr, an ``O_RDWR`` reopen through ``/proc`` ... of a
+        descriptor opened before the unlink or rmdir); raises the kernel's errno if not.
+
+        The kernel copies such an object up to its old name all the same. A regular file is
+        linked in from an ``O_TMPFILE``, which fails on whatever holds the name (EEXIST: its
+        whiteout, or a new object); any other object is renamed in from the workdir, which
+        replaces a whiteout (a fifo, a device or a symlink comes back: kept, it is the
+        kernel's) and fails on a directory (EISDIR; a directory moved onto a non-directory:
+        ENOTDIR). Into a removed parent, the link finds nothing (ENOENT) and the rename
+        cannot lock it (EIO). Where the kernel's rename would destroy a live object with a
+        deleted one, the copy is refused instead (EEXIST), on purpose: a new non-directory
+        at the name of a fifo, device or symlink, a new directory at a directory's name.
+        """
+        parent = node.parent
+        assert parent is not None
+        regular = not node.is_dir and stat.S_ISREG(os.fstat(node.pinned).st_mode)
+        if parent.removed:
+            raise err(errno.ENOENT if regular else errno.EIO)
+        found = format.classify_at(self.upper_dir_fd(parent), node.name)
+        if found is None:
+            return  # nothing holds the name: the copy takes it, as the kernel's would
+        if regular:
+            raise err(errno.EEXIST)
+        if node.is_dir:
+            raise err(errno.EEXIST if found is format.Found.DIR else errno.ENOTDIR)
+        if found is format.Found.DIR:
+            raise err(errno.EISDIR)
+        if found not in (format.Found.CHARDEV_WHITEOUT, format.Found.OCI_WHITEOUT):
+            raise err(errno.EEXIST)
 
     async def _copy_up_file(self, node: Node, change: Change) -> bool:
         """Copy a non-directory up; True when it was a regular file, built with ``change``."""
@@ -352,7 +386,16 @@ class CopyUp:
             if node.layers[0] == UPPER or node.parent is not parent:
                 raise err(errno.EAGAIN)  # moved or copied while we worked; caller retries
             parent_times = os.fstat(parent_fd)
-            os.rename(tmp, node.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
+            if regular:
+                # Never over anything, as the kernel's link of its O_TMPFILE copy: whatever
+                # holds the name now is not this object (see _check_gone_name).
+                renameat2(work_fd, tmp, parent_fd, node.name, RENAME_NOREPLACE)
+            else:
+                # Over the whiteout of a name gone while the kernel held it, as the kernel's
+                # rename from its workdir (_check_gone_name allowed nothing else there).
+                os.rename(tmp, node.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
+                if node.pinned >= 0 and format.oci_marker_exists(parent_fd, node.name):
+                    os.unlink(format.OCI_WHITEOUT_PREFIX + node.name, dir_fd=parent_fd)
         except BaseException:
             work.remove_tree_at(work_fd, tmp)
             raise
