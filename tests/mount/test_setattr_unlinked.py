@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Union, write
+from tests.mount.test_oci_fallback import no_mknod  # noqa: F401 (a fixture)
 from tests.oracle.backends import KernelOverlay, copy_tree
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel]
@@ -658,3 +659,32 @@ def test_user_lower_fifo_is_copied_back(twins: Run) -> None:
     says(theirs, "ok")
     assert ours == theirs
     assert ("d/p", stat.S_IFIFO, "0o600", USER, USER, 0) in ours["upper"]  # type: ignore[operator]
+
+
+# -- an upper that refuses mknod: .wh.<name> whiteouts, the same answers -----------------------
+
+
+def plain_layer(lower: Path) -> None:
+    """``d`` with the file ``f`` and the fifo ``p`` only: no device, which ``cp -a`` (the
+    kernel's copy of the layer) could not make under the shim."""
+    write(lower / "d" / "f", "hello", mode=0o644)
+    os.mkfifo(lower / "d" / "p", 0o644)
+    for p in (lower / "d" / "f", lower / "d" / "p"):
+        os.utime(p, ns=FILE_TIMES)
+
+
+@pytest.mark.usefixtures("no_mknod")
+@pytest.mark.parametrize("name,flags,kernel", [("f", os.O_RDONLY, "EEXIST"), ("p", NB, "ok")])
+def test_oci_whiteouts(twins: Run, name: str, flags: int, kernel: str) -> None:
+    """With ``.wh.<name>`` whiteouts (the daemon cannot mknod a char device), the merged view
+    and the answers are the kernel's: the regular file stays gone behind its marker; the fifo
+    comes back and its marker goes."""
+    ours, theirs = twins(plain_layer, held(name, flags, fchmod(0o600)))
+    says(theirs, kernel)
+    assert ours["ops"] == theirs["ops"]
+    assert ours["d"] == theirs["d"]
+    upper = [e[0] for e in ours["upper"]]  # type: ignore[union-attr]
+    if name == "f":
+        assert upper == ["d", "d/.wh.f"]
+    else:
+        assert upper == ["d", "d/p"]
