@@ -688,3 +688,38 @@ def test_oci_whiteouts(twins: Run, name: str, flags: int, kernel: str) -> None:
         assert upper == ["d", "d/.wh.f"]
     else:
         assert upper == ["d", "d/p"]
+
+
+# -- xattr_permissions: the owner and mode live in an xattr of the object ----------------------
+
+
+def test_xattr_permissions_unlinked_file_shows_its_override(union: Callable[[int], Union]) -> None:
+    """With ``xattr_permissions=2`` (no kernel twin: fuse-overlayfs's option), fstat of a held
+    file shows the owner and mode recorded in its override xattr before and after its name
+    goes, and fchmod/fchown through it are recorded on it, not on what holds the name now
+    (fstat once fell back to the inode's own mode at the unlink)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chown to other users)")
+    u = union(1)
+    (u.lowers[0] / "d").mkdir()
+    with u.mount("xattr_permissions=2") as mnt:
+        p = Path(mnt) / "d" / "n"
+        write(p, "held")
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fchmod(fd, 0o600)
+            os.fchown(fd, 5, 6)
+            before = shown(os.fstat(fd))
+            os.unlink(p)
+            write(p, "new")  # another object takes the name
+            after = shown(os.fstat(fd))
+            os.fchmod(fd, 0o640)
+            os.fchown(fd, 7, 8)
+            changed = shown(os.fstat(fd))
+            new = shown(os.stat(p))
+        finally:
+            os.close(fd)
+    assert before[1:4] == ("0o600", 5, 6)
+    assert after[1:5] == before[1:5] and after[5] == 0
+    assert changed[1:4] == ("0o640", 7, 8)
+    assert new[1:4] == ("0o644", 0, 0)

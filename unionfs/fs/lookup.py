@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
-from unionfs import format, parallel
+from unionfs import fdops, format, parallel
 from unionfs.fdops import open_dir_at
 from unionfs.fs.listing import Listing, index_of
 from unionfs.fs.nodes import UPPER, Node
@@ -271,6 +272,26 @@ def attr_of(node: Node, st: os.stat_result, s: State | None = None) -> Attr:
     return Attr(node.ino, st, nlink, node.st_ino)
 
 
+def _pinned_shown(s: State, node: Node) -> os.stat_result:
+    """The stat of the object ``node`` pinned when its name went, with the owner and mode
+    of its own override xattr (:mod:`unionfs.fs.override`), never of whatever holds the name
+    now. Only a regular file or a directory carries one; it is reopened to read it."""
+    st = os.fstat(node.pinned)
+    ov = s.overrides
+    if ov is None or ov.read[node.layer] is None:
+        return st
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return st
+    try:
+        fd = fdops.reopen(node.pinned, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return st
+    try:
+        return ov.shown(node.layer, fd, st)
+    finally:
+        os.close(fd)
+
+
 def attr(s: State, node: Node) -> Attr:
     """The attributes of ``node`` now (ESTALE when its object is gone)."""
     try:
@@ -282,8 +303,7 @@ def attr(s: State, node: Node) -> Attr:
         # A node whose last name went while the kernel held it answers from its object.
         if node.pinned < 0:
             raise err(errno.ESTALE)
-        st = os.fstat(node.pinned)
-        return attr_of(node, st)
+        return attr_of(node, _pinned_shown(s, node))
     return attr_of(node, st, s)
 
 
