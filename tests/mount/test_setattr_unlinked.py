@@ -545,20 +545,48 @@ def test_lower_fifo_over_a_new_directory(twins: Run) -> None:
     assert ours == theirs
 
 
-def test_lower_directory_removed(twins: Run) -> None:
-    """fchmod of a removed lower directory: ENOTDIR (the kernel renames a directory onto
-    its whiteout), and the whiteout stays."""
+DIR_OPS: dict[str, Callable[[int, Path], object]] = {
+    "fchmod": fchmod(0o700),
+    "fchown": fchown(3, 3),
+    "futimens": futimens,
+    "fsetxattr": lambda fd, m: (
+        call(os.setxattr, fd, b"user.y", b"1"),
+        call(os.listxattr, fd),
+    ),
+    "flistxattr": lambda fd, m: call(os.listxattr, fd),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIR_OPS))
+@pytest.mark.parametrize("where", ["upper", "lower"])
+def test_directory_removed(twins: Run, where: str, case: str) -> None:
+    """A directory held open and removed: an upper one (made through the mount) takes every
+    change on itself; a lower one cannot be copied up onto its whiteout (ENOTDIR: the
+    kernel renames a directory over a non-directory) and its whiteout stays."""
 
     def scenario(m: Path) -> list[object]:
-        fd = os.open(m / "d" / "e", os.O_RDONLY | os.O_DIRECTORY)
+        p = m / "d" / ("e" if where == "lower" else "nd")
+        if where == "upper":
+            os.mkdir(p)
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.rmdir(m / "d" / "e")
-            return [call(os.fchmod, fd, 0o700), fstat_of(fd)]
+            os.rmdir(p)
+            return [DIR_OPS[case](fd, m), fstat_of(fd)]
         finally:
             os.close(fd)
 
-    ours, theirs = twins(layer, scenario)
-    says(theirs, "ENOTDIR")
+    def build(lower: Path) -> None:
+        layer(lower)
+        os.setxattr(lower / "d" / "e", b"user.x", b"1")
+
+    ours, theirs = twins(build, scenario)
+    expected = {
+        ("upper", "fsetxattr"): ("ok", ["user.y"]),
+        ("upper", "flistxattr"): [],
+        ("lower", "fsetxattr"): ("ENOTDIR", ["user.x"]),
+        ("lower", "flistxattr"): ["user.x"],
+    }
+    says(theirs, expected.get((where, case), "ok" if where == "upper" else "ENOTDIR"))
     assert ours == theirs
 
 
