@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,3 +125,13 @@ def write(path: Path, data: str | bytes = "", mode: int | None = None) -> Path:
 
 def whiteout(path: Path) -> None:
     os.mknod(path, 0o020000, os.makedev(0, 0))
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM ``proc`` and wait up to ``timeout`` seconds for it, then SIGKILL it."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

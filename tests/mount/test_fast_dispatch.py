@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import terminate
+
 pytestmark = pytest.mark.mount
 
 # Root holds "wait" and "go". A read of "wait" suspends until a read of "go" sets an event
@@ -122,12 +124,7 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
         yield proc, mnt
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, 10)
         if _mounted(mnt):
             subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
 

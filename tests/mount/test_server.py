@@ -10,7 +10,6 @@ mount namespace, a socket in a directory others can write) run the command thems
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write
+from tests.conftest import terminate, write
 
 pytestmark = pytest.mark.mount
 
@@ -88,12 +87,7 @@ def server(tmp_path: Path) -> Iterator[dict[str, str]]:
         env["SERVER_PID"] = str(proc.pid)
         yield env
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 20)
         for mnt in tmp_path.rglob("mnt*"):
             if _mounted(mnt):
                 subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
@@ -108,16 +102,15 @@ def _tree(tmp_path: Path) -> Path:
     return root
 
 
+def _run_in(root: Path, env: dict[str, str], *argv: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in ``root`` with ``env``, its output captured as text."""
+    return subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+
+
 def _mount_tree(root: Path, env: dict[str, str], *command: str | Path) -> Path:
     """Run a mount command in ``root`` (paths relative to it, mountpoint ``mnt``); the
     mountpoint once the command succeeded."""
-    res = subprocess.run(
-        [*command, "-o", "lowerdir=lower,upperdir=upper,workdir=work", "mnt"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    res = _run_in(root, env, *command, "-o", "lowerdir=lower,upperdir=upper,workdir=work", "mnt")
     assert res.returncode == 0, res.stderr
     return root / "mnt"
 
@@ -147,22 +140,13 @@ def test_a_mount_through_the_server_is_served_by_a_process_of_its_own(
 
 def test_errors_and_exit_codes_are_the_commands_own(server: dict[str, str], tmp_path: Path) -> None:
     root = _tree(tmp_path)
-    res = subprocess.run(
-        [UNIONFS, "-o", "lowerdir=missing,upperdir=upper,workdir=work", "mnt"],
-        cwd=root,
-        env=server,
-        capture_output=True,
-        text=True,
+    res = _run_in(
+        root, server, UNIONFS, "-o", "lowerdir=missing,upperdir=upper,workdir=work", "mnt"
     )
     assert res.returncode == 1
     assert res.stderr == "unionfs: lowerdir 'missing' does not exist\n"
-    res = subprocess.run(
-        [UNIONFS, "-o", "lowerdir=lower,upperdir=upper,workdir=work,frobnicate=1", "nowhere"],
-        cwd=root,
-        env=server,
-        capture_output=True,
-        text=True,
-    )
+    opts = "lowerdir=lower,upperdir=upper,workdir=work,frobnicate=1"
+    res = _run_in(root, server, UNIONFS, "-o", opts, "nowhere")
     assert res.returncode != 0 and res.stderr.count("\n") >= 1
     assert "Traceback" not in res.stderr
     assert not _mounted(root / "mnt")
@@ -196,16 +180,9 @@ def test_a_socket_others_can_replace_is_not_used(server: dict[str, str], tmp_pat
     sock_dir.chmod(0o777)
     try:
         env = dict(server, UNIONFS_STATE_DIR=str(tmp_path / "own"))
-        res = subprocess.run(
-            [UNIONFS, "-o", "lowerdir=lower,upperdir=upper,workdir=work", "mnt"],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        assert res.returncode == 0, res.stderr
+        mnt = _mount_tree(root, env, UNIONFS)
         try:
-            assert not _forked_from_server(_daemon_of(root / "mnt"))  # made by the command
+            assert not _forked_from_server(_daemon_of(mnt))  # made by the command
         finally:
             subprocess.run([UNIONFS, "umount", str(root / "mnt")], env=env, check=True)
     finally:
@@ -267,12 +244,17 @@ def test_the_launcher_reaches_the_server_with_nothing_heavy_imported(
     assert first == f"#!{sys.executable} -IS"
     root = _tree(tmp_path)
     # What the kernel runs for the shebang, with the import log on.
-    res = subprocess.run(
-        [sys.executable, "-IS", "-X", "importtime", launcher, "-o", "lowerdir=lower", "mnt"],
-        cwd=root,
-        env=server,
-        capture_output=True,
-        text=True,
+    res = _run_in(
+        root,
+        server,
+        sys.executable,
+        "-IS",
+        "-X",
+        "importtime",
+        launcher,
+        "-o",
+        "lowerdir=lower",
+        "mnt",
     )
     assert res.returncode == 0, res.stderr
     mnt = root / "mnt"
