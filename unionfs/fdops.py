@@ -141,37 +141,40 @@ def fd_listxattr(fd: int) -> list[str] | None:
         raise
 
 
-Target = bytes | int  # an open descriptor, or an at_path() path (never followed)
+# An open descriptor; an at_path() path (bytes: never followed); or the proc_path() of an
+# O_PATH descriptor, which the *xattr calls refuse (str: followed, as that magic link leads to
+# the object itself and no further, even for a symlink).
+Target = bytes | int | str
 
 
 def listxattr(target: Target) -> list[str]:
-    """``listxattr`` on a descriptor or an :func:`at_path` path, never following it."""
+    """``listxattr`` on a :data:`Target`."""
     if isinstance(target, int):
         return os.listxattr(target)
-    return os.listxattr(target, follow_symlinks=False)
+    return os.listxattr(target, follow_symlinks=isinstance(target, str))
 
 
 def getxattr(target: Target, attr: bytes) -> bytes:
-    """``getxattr`` on a descriptor or an :func:`at_path` path, never following it."""
+    """``getxattr`` on a :data:`Target`."""
     if isinstance(target, int):
         return os.getxattr(target, attr)
-    return os.getxattr(target, attr, follow_symlinks=False)
+    return os.getxattr(target, attr, follow_symlinks=isinstance(target, str))
 
 
 def setxattr(target: Target, attr: bytes, value: bytes, flags: int = 0) -> None:
-    """``setxattr`` on a descriptor or an :func:`at_path` path, never following it."""
+    """``setxattr`` on a :data:`Target`."""
     if isinstance(target, int):
         os.setxattr(target, attr, value, flags)
     else:
-        os.setxattr(target, attr, value, flags, follow_symlinks=False)
+        os.setxattr(target, attr, value, flags, follow_symlinks=isinstance(target, str))
 
 
 def removexattr(target: Target, attr: bytes) -> None:
-    """``removexattr`` on a descriptor or an :func:`at_path` path, never following it."""
+    """``removexattr`` on a :data:`Target`."""
     if isinstance(target, int):
         os.removexattr(target, attr)
     else:
-        os.removexattr(target, attr, follow_symlinks=False)
+        os.removexattr(target, attr, follow_symlinks=isinstance(target, str))
 
 
 # -- renameat2 -------------------------------------------------------------------------------

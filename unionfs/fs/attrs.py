@@ -32,37 +32,6 @@ def _remember(cache: dict[K, V], key: K, value: V) -> None:
     cache[key] = value
 
 
-# The *xattr calls on a target of Attrs._xattr_target: a str is a /proc/self/fd path of an
-# object whose name went away, followed (the magic link leads to the object itself); the
-# others are fdops targets, never followed.
-
-
-def _getxattr(target: fdops.Target | str, attr: bytes) -> bytes:
-    if isinstance(target, str):
-        return os.getxattr(target, attr)
-    return fdops.getxattr(target, attr)
-
-
-def _listxattr(target: fdops.Target | str) -> list[str]:
-    if isinstance(target, str):
-        return os.listxattr(target)
-    return fdops.listxattr(target)
-
-
-def _setxattr(target: fdops.Target | str, attr: bytes, value: bytes, flags: int) -> None:
-    if isinstance(target, str):
-        os.setxattr(target, attr, value, flags)
-    else:
-        fdops.setxattr(target, attr, value, flags)
-
-
-def _removexattr(target: fdops.Target | str, attr: bytes) -> None:
-    if isinstance(target, str):
-        os.removexattr(target, attr)
-    else:
-        fdops.removexattr(target, attr)
-
-
 @dataclasses.dataclass(frozen=True)
 class AttrChange:
     """What one setattr changes; None: left as it is."""
@@ -104,10 +73,9 @@ class Attrs:
         holds the name now (a whiteout, a new object)."""
         return node.pinned >= 0 and node.parent is not None and not self.s.table.named(node)
 
-    def _xattr_target(self, node: Node) -> fdops.Target | str:
+    def _xattr_target(self, node: Node) -> fdops.Target:
         """Where ``node``'s xattrs are: :meth:`NodeTable.xattr_target`, or for an object
-        whose name went away its ``/proc/self/fd`` path (a ``str``: followed, as the magic
-        link leads to the object itself, and no further even for a symlink)."""
+        whose name went away the ``/proc/self/fd`` path of its pinned descriptor."""
         if self._unnamed(node):
             return fdops.proc_path(node.pinned)
         return self.s.table.xattr_target(node)
@@ -263,12 +231,12 @@ class Attrs:
             raise err(errno.ENODATA)
         obj = self._lower_obj(node)
         if obj is None:
-            return _getxattr(self._xattr_target(node), stored)
+            return fdops.getxattr(self._xattr_target(node), stored)
         key = (obj[0], obj[1], stored)
         known = self._lower_values.get(key)
         if known is None:
             try:
-                known = _getxattr(self._xattr_target(node), stored)
+                known = fdops.getxattr(self._xattr_target(node), stored)
             except OSError as exc:
                 if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
                     raise  # not an answer about the object (its path failed, say)
@@ -284,7 +252,7 @@ class Attrs:
         obj = self._lower_obj(node)
         names = self._lower_lists.get(obj) if obj is not None else None
         if names is None:
-            names = _listxattr(self._xattr_target(node))
+            names = fdops.listxattr(self._xattr_target(node))
             if obj is not None:
                 _remember(self._lower_lists, obj, names)
         out = []
@@ -307,7 +275,7 @@ class Attrs:
             raise err(errno.EPERM)
         s.check_writable()
         await self.copier.copy_up(node)
-        _setxattr(self._xattr_target(node), stored, value, flags)
+        fdops.setxattr(self._xattr_target(node), stored, value, flags)
 
     async def removexattr(self, node: Node, name: bytes) -> None:
         """Remove ``name`` (escaped like :meth:`setxattr`) from ``node`` after a copy-up;
@@ -320,7 +288,7 @@ class Attrs:
         if node.layers[0] != UPPER:
             self.getxattr(node, name)
             await self.copier.copy_up(node)
-        _removexattr(self._xattr_target(node), stored)
+        fdops.removexattr(self._xattr_target(node), stored)
 
     def statfs(self) -> os.statvfs_result:
         """The statfs of the top layer (the upper when there is one)."""
