@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import resource
 import signal
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from unionfs import fdops
 from unionfs.config import MountConfig
 from unionfs.errors import UnionfsError
 from unionfs.paths import default_state_dir, private_dir
@@ -215,9 +215,6 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
-_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
-
-
 def _mount_device(mountpoint: str) -> str | None:
     """``major:minor`` of the newest unionfs mount on ``mountpoint``, from mountinfo.
 
@@ -226,13 +223,9 @@ def _mount_device(mountpoint: str) -> str | None:
     """
     want = os.fsencode(mountpoint)
     found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index(b"-")
-            where = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
-            if where == want and fields[sep + 1] == b"fuse.unionfs":
-                found = fields[2].decode()
+    for _, device, where, fstype in fdops.mounts():
+        if where == want and fstype == "fuse.unionfs":
+            found = device
     return found
 
 

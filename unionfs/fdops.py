@@ -23,6 +23,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import re
 import struct
 
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -293,6 +294,23 @@ def open_by_handle_at(mount_fd: int, htype: int, fid: bytes) -> int:
     handle.handle_type = htype
     ctypes.memmove(handle.f_handle, fid, len(fid))
     return check(_open_by_handle_at(mount_fd, ctypes.byref(handle), os.O_PATH | os.O_CLOEXEC))
+
+
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, bytes, str]]:
+    """(mount id, ``major:minor``, mount point, filesystem type) of each mount listed in a
+    mountinfo file, in its order (the newest mount on a point last). A mount id names one
+    mount in one namespace: each namespace's copy has its own."""
+    out = []
+    with open(mountinfo, "rb") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index(b"-")
+            where = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
+            out.append((fields[0].decode(), fields[2].decode(), where, fields[sep + 1].decode()))
+    return out
 
 
 TMPFS_MAGIC = 0x01021994

@@ -14,13 +14,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 
-from unionfs import config
+from unionfs import config, fdops
 from unionfs.cli.args import ArgumentParser, split_options
 from unionfs.errors import UnionfsError, UsageError
 from unionfs.paths import alive
@@ -180,28 +179,12 @@ def _daemon_gone(pid: int) -> bool:
     return not alive(pid)
 
 
-_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
-
-
-def _mounts_of(mountinfo: str) -> list[tuple[str, str, bytes, str]]:
-    """(mount id, ``major:minor``, mount point, filesystem type) of each mount in a mountinfo
-    file. A mount id names one mount in one namespace: each namespace's copy has its own."""
-    out = []
-    with open(mountinfo, "rb") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index(b"-")
-            where = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
-            out.append((fields[0].decode(), fields[2].decode(), where, fields[sep + 1].decode()))
-    return out
-
-
 def _fuse_device(mountpoint: str) -> str | None:
     """``major:minor`` of the FUSE mount on top of ``mountpoint`` here, or None."""
     want = os.fsencode(mountpoint)
     found = None
     try:
-        for _, device, where, fstype in _mounts_of("/proc/self/mountinfo"):
+        for _, device, where, fstype in fdops.mounts():
             if where == want:
                 found = device if fstype.startswith("fuse") else None
     except (OSError, ValueError):
@@ -215,7 +198,7 @@ def _holders(device: str) -> list[tuple[int, str, bool]]:
     that sees it. Every process's mountinfo can be read; a namespace already read (known
     when the process is this user's, or root) is not read again."""
     try:
-        here = {m[0] for m in _mounts_of("/proc/self/mountinfo") if m[1] == device}
+        here = {m[0] for m in fdops.mounts() if m[1] == device}
     except (OSError, ValueError):
         here = set()
     namespaces: set[int] = set()
@@ -229,7 +212,7 @@ def _holders(device: str) -> list[tuple[int, str, bool]]:
         if ns in namespaces:
             continue
         try:
-            mounts = _mounts_of(f"/proc/{name}/mountinfo")
+            mounts = fdops.mounts(f"/proc/{name}/mountinfo")
         except (OSError, ValueError):
             continue  # gone meanwhile
         if ns is not None:
