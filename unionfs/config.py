@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 86400.0
 DEFAULT_READAHEAD_KB = 1024
+# busy_poll=: 50 µs catches the next request of a program issuing system calls back to back
+# (about 20 µs apart here); the cap keeps a typo from pinning a CPU.
+DEFAULT_BUSY_POLL_US = 50
+MAX_BUSY_POLL_US = 1000
 
 # Generic mount options a helper may hand us; accepted silently, they need no action here.
 _PASSIVE_OPTIONS = {
@@ -95,6 +99,11 @@ class MountConfig:
     # Readahead window of the mount, in KiB: the kernel's FUSE default (128) splits a
     # sequential read into 128 KiB requests, each a round trip to the daemon.
     readahead_kb: int = DEFAULT_READAHEAD_KB
+    # How long the request loop keeps polling for the next request before it sleeps, in
+    # microseconds, when requests come back to back (0: never). A request that finds the
+    # daemon awake needs no wake-up, which on a VM is most of a round trip. See
+    # third_party/pyfuse3/README.md, idle-spin.patch.
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
     read_only: bool = False
     auto_unmount: bool = False
     allow_other: bool = True
@@ -195,6 +204,12 @@ def apply_options(cfg: MountConfig, options: list[str]) -> tuple[MountConfig, li
             if not value.isdigit():
                 raise UsageError(f"option readahead={value}: expected a size in KiB")
             new["readahead_kb"] = int(value)
+        elif name == "busy_poll":
+            if not value.isdigit() or int(value) > MAX_BUSY_POLL_US:
+                raise UsageError(
+                    f"option busy_poll={value}: expected microseconds, 0 to {MAX_BUSY_POLL_US}"
+                )
+            new["busy_poll_us"] = int(value)
         elif name in ("uidmapping", "gidmapping"):
             new["uid_ranges" if name[0] == "u" else "gid_ranges"] = parse_mapping(name, value)
         elif name in ("squash_to_uid", "squash_to_gid"):

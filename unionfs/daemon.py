@@ -168,6 +168,7 @@ def serve(cfg: MountConfig, ready_fd: int = -1, warnings: Sequence[str] = ()) ->
             # reads system.posix_acl_access through getxattr), unless the mount says noacl.
             ops.enable_acl = cfg.acl
             pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+            pyfuse3.set_idle_spin(cfg.busy_poll_us)
         except UnionfsError as exc:
             _report(ready_fd, f"error: {exc}")
             return 1

@@ -43,6 +43,23 @@ def test_readahead_option() -> None:
             config.apply_options(cfg, [bad])
 
 
+def test_busy_poll_option() -> None:
+    cfg = config.MountConfig(lowers=[], mountpoint="/m")
+    assert cfg.busy_poll_us == config.DEFAULT_BUSY_POLL_US > 0
+    cfg, _ = config.apply_options(cfg, ["busy_poll=0"])
+    assert cfg.busy_poll_us == 0
+    cfg, _ = config.apply_options(cfg, [f"busy_poll={config.MAX_BUSY_POLL_US}"])
+    assert cfg.busy_poll_us == config.MAX_BUSY_POLL_US
+    for bad in (
+        "busy_poll=-1",
+        "busy_poll=5us",
+        "busy_poll",
+        f"busy_poll={config.MAX_BUSY_POLL_US + 1}",
+    ):
+        with pytest.raises(UsageError, match="expected microseconds"):
+            config.apply_options(cfg, [bad])
+
+
 def _cfg(tmp: Path, lowers: list[str], upper: str | None = None, work: str | None = None):
     mnt = tmp / "mnt"
     mnt.mkdir(exist_ok=True)
