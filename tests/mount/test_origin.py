@@ -257,3 +257,38 @@ def test_a_lower_on_another_filesystem_carries_its_uuid(
             assert os.lstat(Path(again) / "f").st_ino == before
     finally:
         subprocess.run(["umount", "-l", tmpfs], check=True)
+
+
+def test_a_decode_that_fails_for_want_of_descriptors_is_not_remembered(pair) -> None:
+    """The daemon cannot open the origin (no descriptor left): the lookup fails with that
+    error, as the kernel's does when decoding fails for a reason other than a stale handle,
+    and nothing is remembered: once descriptors are free, the file shows its origin's
+    number. (Taken as "no origin", the file showed its upper inode's number, and kept it
+    after the kernel forgot the entry.)"""
+    import resource
+
+    from unionfs.daemon import read_state
+
+    u, _ = pair
+    with u.mount() as m:
+        os.chmod(Path(m) / "f", 0o600)
+        shown = os.lstat(Path(m) / "f").st_ino
+    assert shown & INO_MASK == os.lstat(u.lowers[0] / "f").st_ino
+    assert shown & INO_MASK != os.lstat(u.upper / "f").st_ino
+    with u.mount() as m:
+        # The root's names are read (a negative lookup: a listing would look "f" up too,
+        # through readdirplus), so that the only descriptor f's lookup needs is its origin's.
+        assert not os.path.lexists(Path(m) / "nothing")
+        pid = int(read_state(m)["pid"])  # type: ignore[index]
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard))
+        try:
+            with pytest.raises(OSError) as failed:
+                os.lstat(Path(m) / "f")
+            assert failed.value.errno in (errno.EMFILE, errno.ENFILE)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert os.lstat(Path(m) / "f").st_ino == shown
+        # Once the kernel forgets the entry, a new lookup still shows the origin's number.
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        assert os.lstat(Path(m) / "f").st_ino == shown

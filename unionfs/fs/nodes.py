@@ -44,6 +44,11 @@ ROOT_INO = 1
 # layers' own private range), so they never equal a number a layer object can show.
 PRIVATE_ID_BASE = 0xFFFE << 48
 _ORIGIN_CACHE_MAX = 1 << 16
+# What open_by_handle_at fails with when an origin handle names nothing on a filesystem: the
+# object is gone or the handle is another filesystem's (ESTALE), the handle's type means
+# nothing there (EINVAL), the filesystem cannot decode handles (EOPNOTSUPP). Any other error
+# is not an answer about the origin.
+_HANDLE_NAMES_NOTHING = frozenset({errno.ESTALE, errno.EINVAL, errno.EOPNOTSUPP})
 
 
 def err(code: int) -> OSError:
@@ -514,7 +519,9 @@ class Origins:
         xattr is decoded as for a non-directory (whether it records a copy-up at all).
 
         ``st`` is the object's stat (taken when not given); ``parent`` its parent node, needed
-        with ``layers``. A bad value never raises: it is ignored. The number only says what
+        with ``layers``. A bad value never raises: it is ignored. A failure that is no answer
+        about the origin (``open_by_handle_at`` out of descriptors or memory) raises, and is
+        not remembered: a later lookup decodes again. The number only says what
         ``st_ino`` shows: :meth:`NodeTable.node_for` decides which node the object is, so a
         forged origin can make two objects show one number (as in the kernel) but never share
         a node.
@@ -575,7 +582,11 @@ class Origins:
                     # numbers, as in the kernel when it cannot follow an origin.
                     self._decode = False
                     return None
-                continue  # ESTALE (names nothing here), EINVAL (not a valid handle), ...
+                if exc.errno in _HANDLE_NAMES_NOTHING:
+                    continue
+                # Not an answer (out of descriptors or memory, an I/O error): the lookup
+                # fails with it, as the kernel's does, and nothing is remembered.
+                raise
             try:
                 ost = os.fstat(fd)
                 if ost.st_dev != dev or stat.S_IFMT(ost.st_mode) != stat.S_IFMT(st.st_mode):
