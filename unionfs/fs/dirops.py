@@ -334,6 +334,7 @@ class DirOps:
                 os.unlink(name, dir_fd=pfd)
             if needs_whiteout:
                 s.stats.event("whiteout", path=node.path().decode(errors="replace"))
+            s.origins.forget(st)
             if node.is_dir or st.st_nlink <= 1:
                 node.removed = True
         index_discard(parent, name)
@@ -435,6 +436,8 @@ class DirOps:
         index_set(new_parent, new_name, src.is_dir, (UPPER,))
         if dst is not None and dst_found is not None:
             dst_st = dst_found[1]
+            if dst.layers[0] == UPPER:
+                s.origins.forget(dst_st)
             s.table.drop_alias(dst, new_parent, new_name, (dst_st.st_dev, dst_st.st_ino))
         s.table.move_alias(src, old_parent, old_name, new_parent, new_name)
 

@@ -492,11 +492,15 @@ class Origins:
         # By uuid; built on first use. _decode is False once open_by_handle_at was refused.
         self._filesystems: dict[bytes, _OriginFs] | None = None
         self._decode = True
-        # Decoded origins by (st_dev, st_ino, st_ctime_ns) of the upper object: a cold lookup
-        # of a copied-up file costs a listxattr, a getxattr and an open_by_handle_at, a
-        # repeated one a dict hit. Any change to the object (an xattr included) changes its
-        # ctime, and a reused inode number comes with a new ctime.
-        self._cache: dict[tuple[int, int, int], int | None] = {}
+        # Decoded origins by (st_dev, st_ino) of the upper object, with the st_ctime_ns they
+        # were read at: a cold lookup of a copied-up file costs a listxattr, a getxattr and
+        # an open_by_handle_at, a repeated one a dict hit. Any change to the object (an xattr
+        # included) changes its ctime. A reused inode number need not: where timestamps are
+        # coarse (whole seconds on ext4 with 128-byte inodes), a file created in the second
+        # its number was freed has the old ctime. So the daemon forgets an object's entry
+        # when it removes one of its names (:meth:`forget`); nothing else removes upper
+        # objects while a mount lives.
+        self._cache: dict[tuple[int, int], tuple[int, int | None]] = {}
 
     def read(
         self,
@@ -543,14 +547,20 @@ class Origins:
                 if stat.S_ISDIR(lst.st_mode):
                     ino = self.stack.natural_ino(lst.st_dev, lst.st_ino)
         else:
-            key = (st.st_dev, st.st_ino, st.st_ctime_ns)
-            if key in self._cache:
-                return self._cache[key]
+            key = (st.st_dev, st.st_ino)
+            known = self._cache.get(key)
+            if known is not None and known[0] == st.st_ctime_ns:
+                return known[1]
             ino = self._xattr_ino(dir_fd, name, st)
             if len(self._cache) >= _ORIGIN_CACHE_MAX:
                 self._cache.clear()
-            self._cache[key] = ino
+            self._cache[key] = (st.st_ctime_ns, ino)
         return ino
+
+    def forget(self, st: os.stat_result) -> None:
+        """Drop what is known of the upper object ``st`` (one of its names was removed or
+        replaced: its number may be given to a new object)."""
+        self._cache.pop((st.st_dev, st.st_ino), None)
 
     def _xattr_ino(self, dir_fd: int, name: bytes, st: os.stat_result) -> int | None:
         """The number an origin xattr of the upper object ``name`` (stat ``st``) names."""
