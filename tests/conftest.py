@@ -4,7 +4,9 @@ The whole run keeps unionfs's mount records and daemon logs in a private directo
 (``UNIONFS_STATE_DIR``), removed at the end: a test whose daemon is killed or dies leaves
 nothing in the host's /run/unionfs/mounts, and no mount is handed to a mount server the host
 may be running (its socket is found beside the state directory). Tests that run unionfs with
-an environment of their own (another user, a user namespace, podman) choose their own.
+an environment of their own (another user, a user namespace, podman) choose their own; the
+default directories of other ids that the run creates (``/tmp/unionfs-UID``) are removed at
+the end too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ import pytest
 from unionfs.api import mounted
 
 _STATE_ROOT = "unionfs_state_root"
+_USER_STATE_DIRS = "unionfs_user_state_dirs"
+# The default state directories of the other ids tests mount as: user 1000 (as_user in
+# tests/mount/test_unprivileged.py, whose test checks that the daemon makes its own) and
+# root of a user namespace (podman's rootless layout).
+_OTHER_IDS = (0, 1000)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,12 +43,18 @@ def pytest_configure(config: pytest.Config) -> None:
     setattr(config, _STATE_ROOT, root)
     os.environ["UNIONFS_STATE_DIR"] = os.path.join(root, "mounts")
     os.environ.pop("UNIONFS_SERVER_SOCKET", None)
+    # Those of them the run creates (daemon records and logs of mounts made as another id,
+    # with that id's default state directory) are removed at the end.
+    new_dirs = [f"/tmp/unionfs-{i}" for i in _OTHER_IDS if not os.path.lexists(f"/tmp/unionfs-{i}")]
+    setattr(config, _USER_STATE_DIRS, new_dirs)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     root = getattr(config, _STATE_ROOT, None)
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
+    for made in getattr(config, _USER_STATE_DIRS, ()):
+        shutil.rmtree(made, ignore_errors=True)
 
 
 def _mounted_under(root: Path) -> list[str]:

@@ -38,6 +38,10 @@ def userns(script: str, ranges: str | None = None) -> subprocess.CompletedProces
     Without ``ranges`` the namespace maps the caller to root (``--map-root-user``); with them,
     ``ranges`` is written to its uid_map and gid_map before the script starts."""
     env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8", "U": UNIONFS}
+    # The suite's private state directory (tests/conftest.py): namespace root is host root,
+    # so it may write there. Left to the default, the daemon's records and logs went to the
+    # host's /tmp/unionfs-0, where nothing removed them.
+    env["UNIONFS_STATE_DIR"] = os.environ["UNIONFS_STATE_DIR"]
     if ranges is None:
         argv = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-ec", script]
         return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
