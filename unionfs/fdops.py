@@ -26,7 +26,12 @@ import os
 import re
 import struct
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# glibc's soname first: ctypes.util.find_library runs `ldconfig -p` in a subprocess, a few
+# milliseconds of every command and mount that imports this module.
+try:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # another C library
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def check(result: int, what: str | bytes | None = None) -> int:
