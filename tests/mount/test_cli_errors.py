@@ -55,6 +55,7 @@ def _opts(d: Path, lowers: str = "l1:l2", upper: str = "u", work: str = "w") -> 
         (lambda d: ["-o", _opts(d), str(d / "l2")], "inside lowerdir"),
         (lambda d: ["-o", "upperdir=" + str(d / "u"), str(d / "m")], "no lower layer"),
         (lambda d: ["mount", "--bogus", str(d / "m")], "unrecognized arguments"),
+        (lambda d: ["-o", _opts(d) + ",busy_poll=fast", str(d / "m")], "busy_poll=fast"),
     ],
 )
 def test_bad_input_is_one_line(dirs: Path, make_args, expect: str) -> None:

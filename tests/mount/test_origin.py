@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 import stat
 import struct
@@ -26,6 +27,8 @@ import pytest
 
 from tests.conftest import Union, write
 from tests.oracle.backends import KernelOverlay
+from unionfs.api import mounted
+from unionfs.daemon import read_state
 from unionfs.layers import INO_BITS, INO_MASK
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel]
@@ -265,10 +268,6 @@ def test_a_decode_that_fails_for_want_of_descriptors_is_not_remembered(pair) -> 
     and nothing is remembered: once descriptors are free, the file shows its origin's
     number. (Taken as "no origin", the file showed its upper inode's number, and kept it
     after the kernel forgot the entry.)"""
-    import resource
-
-    from unionfs.daemon import read_state
-
     u, _ = pair
     with u.mount() as m:
         os.chmod(Path(m) / "f", 0o600)
@@ -350,8 +349,6 @@ def test_a_new_file_on_a_reused_inode_shows_its_own_number(union, coarse_fs: Pat
         for i in range(rounds):
             write(lower / f"f{i}", "lower")
         if name == "unionfs":
-            from unionfs.api import mounted
-
             cm = mounted([str(lower)], str(mnt), str(upper), str(work), ())
         else:
             cm = KernelOverlay().mount([lower], upper, work, mnt)
