@@ -46,16 +46,17 @@ pip_or_die() {
 
 # pyfuse3 with the patches in third_party/pyfuse3, applied in the order listed: opendir can
 # turn on the kernel's readdir cache, an entry's FUSE node id can differ from its st_ino, and
-# fallocate reaches the filesystem, and the request loop serves without trio and busy-polls
-# briefly before it sleeps (see third_party/pyfuse3/README.md). The local version
-# names the patch set; bump it with any change to the patches so a cached wheel is not reused.
+# fallocate reaches the filesystem, the request loop serves without trio and busy-polls
+# briefly before it sleeps, and importing it reads no package metadata (see
+# third_party/pyfuse3/README.md). The local version names the patch set; bump it with any
+# change to the patches so a cached wheel is not reused.
 # The wheel is kept in the cache directory: a fresh clone on the same machine does not
 # compile it again.
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 PYFUSE3_URL=https://files.pythonhosted.org/packages/b9/a9/ce2c0513e9611ee2ffeeb482a33d23a210326801d48866df30a989562d43/pyfuse3-$PYFUSE3_VERSION.tar.gz
-PYFUSE3_LOCAL="$PYFUSE3_VERSION+unionfs.7"
-PYFUSE3_PATCHES=(opendir-fileinfo.patch entry-node-id.patch fallocate.patch setxattr-flags.patch dont-mask.patch fast-dispatch.patch idle-spin.patch)
+PYFUSE3_LOCAL="$PYFUSE3_VERSION+unionfs.8"
+PYFUSE3_PATCHES=(opendir-fileinfo.patch entry-node-id.patch fallocate.patch setxattr-flags.patch dont-mask.patch fast-dispatch.patch idle-spin.patch lazy-version.patch)
 WHEEL_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/unionfs/wheels"
 PYTAG=$(.venv/bin/python -c "import sys; print('cp%d%d' % sys.version_info[:2])")
 have=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('pyfuse3'))" 2>/dev/null || true)
@@ -103,8 +104,10 @@ rm -f "$PIP_LOG"
 # pip's console script starts Python with the site module and imports `re`; the launcher
 # (unionfs/launch.py) starts with -IS and reaches the mount server about 7 ms sooner.
 .venv/bin/python -m unionfs.launch --write-launcher .venv/bin/unionfs
-.venv/bin/python -c "import pyfuse3, trio, pyroute2; pyfuse3.FileInfo(cache_readdir=True);
-pyfuse3.EntryAttributes().node_id; pyfuse3.Operations.fallocate; pyfuse3.set_idle_spin"
+.venv/bin/python -c "import sys, pyfuse3, trio; pyfuse3.FileInfo(cache_readdir=True);
+pyfuse3.EntryAttributes().node_id; pyfuse3.Operations.fallocate; pyfuse3.set_idle_spin;
+assert 'importlib.metadata' not in sys.modules, 'pyfuse3 imports importlib.metadata';
+assert pyfuse3.__version__ == '$PYFUSE3_LOCAL', pyfuse3.__version__; import pyroute2"
 
 # Debian's unionfs-fuse ships /usr/bin/unionfs; /usr/local/bin comes first on root's PATH.
 ln -sf "$ROOT/.venv/bin/unionfs" /usr/local/bin/unionfs

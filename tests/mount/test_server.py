@@ -284,13 +284,64 @@ def test_without_a_server_the_launcher_runs_the_command_itself(
     assert res.returncode == 0 and "usage" in res.stdout, res.stderr
 
 
-def test_a_mount_imports_no_test_framework() -> None:
+def test_a_mount_imports_no_test_framework_and_no_package_metadata() -> None:
     """What a daemon imports must not pull in pytest (trio.testing does; about 80 ms of
-    every mount's start-up before pyfuse3 3.5.0+unionfs.6)."""
+    every mount's start-up before pyfuse3 3.5.0+unionfs.6) nor importlib.metadata (stock
+    pyfuse3 reads its version with it; about 12 ms before 3.5.0+unionfs.8). The version is
+    still there when asked for."""
     code = (
         "import sys, unionfs.daemon, unionfs.fuse_ops, unionfs.fs.union, unionfs.cli.mount\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')))"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')"
+        " or m == 'importlib.metadata'))\n"
+        "import pyfuse3, importlib.metadata\n"
+        "print(pyfuse3.__version__ == importlib.metadata.version('pyfuse3') != 'unknown')"
     )
     res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]"
+    assert res.stdout.split() == ["[]", "True"]
+
+
+# The launcher run with an exit hook: it writes MARKER if the interpreter's teardown runs.
+_WITH_EXIT_HOOK = """
+import atexit, runpy, sys
+marker = sys.argv[1]
+atexit.register(lambda: open(marker, "w").close())
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_mount_without_the_server_skips_teardown_but_says_everything(
+    tmp_path: Path, launcher: Path
+) -> None:
+    """Without the server, the launcher ends a background mount's command at once
+    (``os._exit``, no teardown of the modules a mount imports) once the daemon is serving:
+    its warnings and errors still reach stderr and its exit codes are the command's."""
+    root = _tree(tmp_path)
+    env = dict(os.environ, UNIONFS_SERVER="off", UNIONFS_STATE_DIR=str(tmp_path / "state"))
+    marker = tmp_path / "teardown-ran"
+
+    def launch(*args: str) -> subprocess.CompletedProcess[str]:
+        hook = [sys.executable, "-IS", "-c", _WITH_EXIT_HOOK, str(marker), str(launcher)]
+        return _run_in(root, env, *hook, *args)
+
+    res = launch("-o", "lowerdir=lower,upperdir=upper,workdir=work,frobnicate", "mnt")
+    mnt = root / "mnt"
+    try:
+        assert res.returncode == 0, res.stderr
+        assert res.stderr == "unionfs: unknown argument ignored: frobnicate\n"
+        assert (mnt / "a").read_text() == "lower a"
+        assert not marker.exists()
+    finally:
+        subprocess.run([launcher, "umount", str(mnt)], env=env, check=True)
+    res = launch("-o", "lowerdir=missing", "mnt")
+    expected = subprocess.run(
+        [sys.executable, "-m", "unionfs", "-o", "lowerdir=missing", "mnt"],
+        cwd=root, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert (res.returncode, res.stderr) == (expected.returncode, expected.stderr)
+    assert res.returncode != 0 and res.stderr.startswith("unionfs: ")
+    assert not marker.exists()
+    # Any other command still ends the ordinary way.
+    assert launch("inspect", "--help").returncode == 0
+    assert marker.exists()
