@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 
 STATE_DIR = Path(default_state_dir())
+# Descriptors of the process that forks the daemon which the daemon must not keep: the mount
+# server's child answers its caller on a connection the daemon would otherwise inherit.
+NOT_FOR_DAEMON: list[int] = []
 
 
 def state_file(mountpoint: str) -> Path:
@@ -262,6 +265,8 @@ def daemonize_and_serve(
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
+        for fd in NOT_FOR_DAEMON:
+            os.close(fd)
         os.setsid()
         os.chdir("/")
         devnull = os.open(os.devnull, os.O_RDWR)

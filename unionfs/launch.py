@@ -98,16 +98,17 @@ def _ask_server(args: list[str]) -> int | None:
     conn = connect(server_socket())
     if conn is None:
         return None
-    import array
-
     try:
         umask = os.umask(0o022)
         os.umask(umask)
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            # The descriptors as C ints, packed by hand: the array module would import
+            # collections (about 2 ms of the command).
+            rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (cwd, 0, 1, 2))
             conn.sendmsg(
                 [encode_request(args, dict(os.environ), umask)],
-                [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [cwd, 0, 1, 2]))],
+                [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)],
             )
         finally:
             os.close(cwd)
@@ -134,25 +135,29 @@ def _site() -> None:
         site.main()
 
 
-def main() -> int:
-    args = sys.argv[1:]
-    background_mount = _for_server(args)
-    if background_mount and os.environ.get("UNIONFS_SERVER", "auto") != "off":
-        code = _ask_server(args)
-        if code is not None:
-            return code
+def _run_here(args: list[str]) -> int:
+    """Run the command in this process (:func:`unionfs.cli.main`)."""
     _site()
     from unionfs.cli import main as run_here
 
-    code = run_here(args)
-    if background_mount:
-        # The mount's daemon is a process of its own by now, and this one has nothing left
-        # to clean up: skip the interpreter's teardown of the ~300 modules a mount imports
-        # (about 25 ms of every mount made without the server).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return run_here(args)
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if not _for_server(args):
+        return _run_here(args)
+    code = None
+    if os.environ.get("UNIONFS_SERVER", "auto") != "off":
+        code = _ask_server(args)
+    if code is None:
+        code = _run_here(args)
+    # A background mount: its daemon is a process of its own by now, and this one has
+    # nothing left to clean up. Skip the interpreter's teardown: about 25 ms for the ~300
+    # modules a mount made here imports, about 2 ms after the server's answer.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # The ``unionfs`` command as install.sh writes it over pip's console script. Python starts

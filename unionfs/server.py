@@ -199,9 +199,11 @@ class Server:
             code = 1
             try:
                 self.listener.close()
-                conn.close()
-                code = _run_request(args, env, umask, fds, (self.wake_r, self.wake_w))
+                code = _run_request(args, env, umask, fds, (self.wake_r, self.wake_w), conn)
             finally:
+                # The caller has its answer from _run_request; the server's own, sent when
+                # it reaps this process (a few ms later: exiting a process this size takes
+                # that long), only counts if the command died without answering.
                 os._exit(code)
         for fd in fds:
             os.close(fd)
@@ -249,11 +251,17 @@ def _show_command_line(args: list[str]) -> None:
 
 
 def _run_request(
-    args: list[str], env: dict[str, str], umask: int, fds: list[int], own: tuple[int, int]
+    args: list[str],
+    env: dict[str, str],
+    umask: int,
+    fds: list[int],
+    own: tuple[int, int],
+    conn: socket.socket,
 ) -> int:
-    """In the forked child: become the caller (streams, directory, umask, environment) and
-    run its command line as the ``unionfs`` command would. ``own``: the server's own
-    descriptors, closed here."""
+    """In the forked child: become the caller (streams, directory, umask, environment), run
+    its command line as the ``unionfs`` command would, and answer on ``conn`` with the exit
+    code. ``own``: the server's own descriptors, closed here. The mount's daemon, forked
+    on the way, does not keep ``conn``."""
     _show_command_line(args)
     signal.set_wakeup_fd(-1)
     for fd in own:
@@ -273,11 +281,19 @@ def _run_request(
     from unionfs import cli, daemon
 
     daemon.STATE_DIR = Path(daemon.default_state_dir())  # from the caller's environment
+    daemon.NOT_FOR_DAEMON.append(conn.fileno())
+    code = 1
     try:
-        return cli.main(args)
+        code = cli.main(args)
+    except SystemExit as exc:  # what the command's own process would exit with
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        reply(conn, "exit", code)
+    return code
 
 
 def stop(path: Path) -> bool:

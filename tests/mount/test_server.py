@@ -9,7 +9,9 @@ mount namespace, a socket in a directory others can write) run the command thems
 
 from __future__ import annotations
 
+import array
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import terminate, write
+from unionfs import launch
 
 pytestmark = pytest.mark.mount
 
@@ -136,6 +139,41 @@ def test_a_mount_through_the_server_is_served_by_a_process_of_its_own(
         res = subprocess.run([UNIONFS, "umount", str(mnt)], env=server, capture_output=True)
         assert res.returncode == 0, res.stderr
     assert not _mounted(mnt)
+
+
+def test_the_answer_comes_before_the_command_exits_and_the_daemon_keeps_no_connection(
+    server: dict[str, str], tmp_path: Path
+) -> None:
+    """The server's child answers its caller as soon as the command is done, and the mount's
+    daemon, forked on the way, does not inherit the caller's connection: once the answer
+    is read the connection ends (EOF) while the daemon goes on serving."""
+    root = _tree(tmp_path)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.settimeout(20)
+    conn.connect(server["UNIONFS_SERVER_SOCKET"])
+    env = dict(server)
+    args = ["-o", "lowerdir=lower,upperdir=upper,workdir=work", "mnt"]
+    cwd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        conn.sendmsg(
+            [launch.encode_request(args, env, 0o022)],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cwd] + [devnull] * 3))],
+        )
+    finally:
+        os.close(cwd)
+        os.close(devnull)
+    mnt = root / "mnt"
+    try:
+        assert conn.recv(4096) == b"exit 0"
+        extra = conn.recv(4096)  # the server's own answer when it reaps the child, then EOF
+        if extra:
+            assert extra == b"exit 0"
+            assert conn.recv(4096) == b""
+        assert (mnt / "a").read_text() == "lower a"  # the daemon is still there
+    finally:
+        conn.close()
+        subprocess.run([UNIONFS, "umount", str(mnt)], env=server, check=True)
 
 
 def test_errors_and_exit_codes_are_the_commands_own(server: dict[str, str], tmp_path: Path) -> None:

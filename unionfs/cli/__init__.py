@@ -13,7 +13,6 @@ Every family reads its arguments with :mod:`unionfs.cli.args`.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -62,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         # Anything else is the fuse-overlayfs / mount-helper form: options and a mountpoint.
         module_name = "unionfs.cli.mount"
         args = ["mount", "--compat", *args]
+    # importlib here, not at the top: the launcher imports this module for _module_for on
+    # its way to the mount server, where every millisecond of the command counts.
+    import importlib
+
     try:
         module = importlib.import_module(module_name)
         return int(module.main(args))
