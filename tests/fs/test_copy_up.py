@@ -130,3 +130,75 @@ def test_refused_before_any_change_keeps_the_listings(fs: Union) -> None:
     with pytest.raises(OSError) as exc:
         trio.run(lambda: fs.mkdir(ROOT_INO, b".wh.x", 0o755, 0, 0))
     assert exc.value.errno == errno.EINVAL
+
+
+def _copy_seen_from_work(
+    fs: Union, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[list[str]], Node]:
+    """Copy ``a/b/f`` up through an open for writing; returns what ``work/`` held while the
+    file's copy (not its parents') had its metadata set, and the file's node."""
+    seen: list[list[str]] = []
+    copy_meta = fs.copier.copy_meta
+
+    def watching(src: int, dst: int, *args: object, **kwargs: object) -> None:
+        if stat.S_ISREG(os.fstat(dst).st_mode):
+            seen.append(os.listdir(tmp_path / "work" / "work"))
+        copy_meta(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fs.copier, "copy_meta", watching)
+    node = _node(fs, b"a/b/f")
+
+    async def write() -> None:
+        fh = await fs.open(node.ino, os.O_WRONLY)
+        fs.release(fh)
+
+    trio.run(write)
+    return seen, node
+
+
+def test_a_file_is_built_as_an_o_tmpfile_file_and_linked_in(
+    fs: Union, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the kernel's copy-up on an upper that supports O_TMPFILE: the copy has no name
+    # until it is complete, so work/ never holds it (and a crash leaves nothing there).
+    assert fs.workdir.tmpfile
+    seen, node = _copy_seen_from_work(fs, tmp_path, monkeypatch)
+    assert seen == [[]]
+    copy = tmp_path / "upper" / "a" / "b" / "f"
+    assert copy.read_text() == "lower data" and os.lstat(copy).st_nlink == 1
+    assert stat.S_IMODE(os.lstat(copy).st_mode) == 0o640
+    assert node.layers == (0,)
+    assert os.listdir(tmp_path / "work" / "work") == []
+
+
+def test_without_o_tmpfile_the_copy_is_built_under_a_name_in_work(
+    fs: Union, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs.workdir.tmpfile = False
+    seen, _ = _copy_seen_from_work(fs, tmp_path, monkeypatch)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith("#unionfs-")
+    assert (tmp_path / "upper" / "a" / "b" / "f").read_text() == "lower data"
+    assert os.listdir(tmp_path / "work" / "work") == []
+
+
+def test_a_refused_link_falls_back_to_names_and_loses_nothing(
+    fs: Union, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # fs.protected_hardlinks can refuse to link a copy whose owner is not the daemon's.
+    real_link = os.link
+    refused: list[object] = []
+
+    def link(src: object, *args: object, **kwargs: object) -> None:
+        if isinstance(src, bytes) and src.startswith(b"/proc/self/fd/"):
+            refused.append(src)
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        real_link(src, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    seen, node = _copy_seen_from_work(fs, tmp_path, monkeypatch)
+    assert len(refused) == 1 and not fs.workdir.tmpfile
+    assert seen[0] == [] and len(seen[1]) == 1  # the retry was built under a name
+    assert (tmp_path / "upper" / "a" / "b" / "f").read_text() == "lower data"
+    assert node.layers == (0,) and fs.stats.copy_ups == 3  # the file counted once
+    assert os.listdir(tmp_path / "work" / "work") == []
+    assert "cannot link O_TMPFILE" in caplog.text

@@ -2,9 +2,11 @@
 
 Parents first (:meth:`CopyUp.upper_dir_fd`: each directory built in ``work/`` with owner,
 mode, xattrs, origin and times, then renamed into place with ``RENAME_NOREPLACE``), then the
-object itself, built under a temporary name in ``work/`` and renamed over nothing. A crash at
-any point leaves either the lower object visible or the complete copy (see
-:mod:`unionfs.fs.workdir`). The upper parent's times are restored afterwards, as the kernel
+object itself: a regular file built as an ``O_TMPFILE`` file in ``work/`` and linked in over
+nothing, as the kernel's copy-up does when the upper allows it (else, and for other objects,
+built under a temporary name in ``work/`` and renamed into place). A crash at any point
+leaves either the lower object visible or the complete copy (see :mod:`unionfs.fs.workdir`):
+an unlinked ``O_TMPFILE`` file leaves nothing behind at all. The upper parent's times are restored afterwards, as the kernel
 does: a copy-up is not a change.
 
 The request that triggers a file's copy-up is folded into it (:class:`Change`). Copies of
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import logging
 import os
 import stat
 import time
@@ -34,6 +37,12 @@ from unionfs.fs.state import State, err
 from unionfs.fs.workdir import Workdir
 
 BIG_COPY = 1 << 20  # copy-ups at least this large run in a worker thread
+
+log = logging.getLogger(__name__)
+
+
+class _LinkRefused(Exception):
+    """The kernel refused to link a copy built as an O_TMPFILE file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,11 +273,39 @@ class CopyUp:
         done = trio.Event()
         self._copying[node.ino] = done
         try:
-            applied = await self._copy_up_file(node, change or NO_CHANGE)
+            try:
+                applied = await self._copy_up_file(node, change or NO_CHANGE)
+            except _LinkRefused as exc:
+                # The probe at mount linked a file of ours; this copy carries another owner
+                # and the kernel refused the link (fs.protected_hardlinks): copies are built
+                # under a name in work/ from now on.
+                self.wd.tmpfile = False
+                log.warning("copy-ups cannot link O_TMPFILE files in (%s): using names", exc)
+                applied = await self._copy_up_file(node, change or NO_CHANGE)
             return applied and change is not None
         finally:
             del self._copying[node.ino]
             done.set()
+
+    def _new_copy(self, work_fd: int) -> tuple[int, bytes | None]:
+        """A new, empty file in ``work/`` open for writing, and its name (None for an
+        O_TMPFILE file, which has none until :meth:`_link_copy`)."""
+        if self.wd.tmpfile:
+            return os.open(
+                b".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=work_fd
+            ), None
+        tmp = work.temp_name()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        return os.open(tmp, flags, 0o600, dir_fd=work_fd), tmp
+
+    @staticmethod
+    def _link_copy(fd: int, parent_fd: int, name: bytes) -> None:
+        """Give the O_TMPFILE file ``fd`` the name ``name`` in ``parent_fd``; fails on
+        anything that holds the name (EEXIST) and in a removed directory (ENOENT)."""
+        try:
+            os.link(b"/proc/self/fd/%d" % fd, name, dst_dir_fd=parent_fd, follow_symlinks=True)
+        except PermissionError as exc:
+            raise _LinkRefused(exc.strerror) from exc
 
     def _check_gone_name(self, node: Node) -> None:
         """Whether a lower object whose name went away while the kernel held it may be copied
@@ -321,40 +358,35 @@ class CopyUp:
             st = os.stat(node.name, dir_fd=lower_pfd, follow_symlinks=False)
         regular = src >= 0
         copied = 0
-        tmp = work.temp_name()
+        # A regular file is built as an O_TMPFILE file and linked in, as the kernel's
+        # copy-up does when the upper allows it; else under a temporary name in work/.
+        tmp: bytes | None = None
+        dst = -1
         work_fd = self.wd.work_fd
         try:
             if regular:
                 try:
-                    dst = os.open(
-                        tmp,
-                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                        0o600,
-                        dir_fd=work_fd,
-                    )
-                    try:
-                        devs = (st.st_dev, self.wd.upper_dev)
-                        size = st.st_size
-                        if change.size is not None:
-                            size = min(size, change.size)
-                        if size >= BIG_COPY:
-                            await trio.to_thread.run_sync(
-                                work.copy_data, src, dst, size, devs, limiter=s.limiter
-                            )
-                        else:
-                            work.copy_data(src, dst, size, devs)
-                        if change.size is not None and change.size != size:
-                            os.ftruncate(dst, change.size)
-                        copied = size
-                        self.copy_meta(src, dst, st, change, layer)
-                        if s.opts.fsync:
-                            os.fsync(dst)
-                        upper_st = os.fstat(dst)
-                    finally:
-                        os.close(dst)
+                    dst, tmp = self._new_copy(work_fd)
+                    devs = (st.st_dev, self.wd.upper_dev)
+                    size = st.st_size
+                    if change.size is not None:
+                        size = min(size, change.size)
+                    if size >= BIG_COPY:
+                        await trio.to_thread.run_sync(
+                            work.copy_data, src, dst, size, devs, limiter=s.limiter
+                        )
+                    else:
+                        work.copy_data(src, dst, size, devs)
+                    if change.size is not None and change.size != size:
+                        os.ftruncate(dst, change.size)
+                    copied = size
+                    self.copy_meta(src, dst, st, change, layer)
+                    if s.opts.fsync:
+                        os.fsync(dst)
                 finally:
                     os.close(src)
             else:
+                tmp = work.temp_name()
                 if stat.S_ISLNK(st.st_mode):
                     target = os.readlink(node.name, dir_fd=lower_pfd)
                     os.symlink(target, tmp, dir_fd=work_fd)
@@ -386,19 +418,29 @@ class CopyUp:
             if node.layers[0] == UPPER or node.parent is not parent:
                 raise err(errno.EAGAIN)  # moved or copied while we worked; caller retries
             parent_times = os.fstat(parent_fd)
-            if regular:
-                # Never over anything, as the kernel's link of its O_TMPFILE copy: whatever
-                # holds the name now is not this object (see _check_gone_name).
-                renameat2(work_fd, tmp, parent_fd, node.name, RENAME_NOREPLACE)
-            else:
+            if not regular:
+                assert tmp is not None
                 # Over the whiteout of a name gone while the kernel held it, as the kernel's
                 # rename from its workdir (_check_gone_name allowed nothing else there).
                 os.rename(tmp, node.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
                 if node.pinned >= 0 and format.oci_marker_exists(parent_fd, node.name):
                     os.unlink(format.OCI_WHITEOUT_PREFIX + node.name, dir_fd=parent_fd)
+            elif tmp is None:
+                # Never over anything: whatever holds the name now is not this object (see
+                # _check_gone_name).
+                self._link_copy(dst, parent_fd, node.name)
+            else:
+                # Over nothing, as the link of an O_TMPFILE copy.
+                renameat2(work_fd, tmp, parent_fd, node.name, RENAME_NOREPLACE)
+            if regular:
+                upper_st = os.fstat(dst)
         except BaseException:
-            work.remove_tree_at(work_fd, tmp)
+            if tmp is not None:
+                work.remove_tree_at(work_fd, tmp)
             raise
+        finally:
+            if dst >= 0:
+                os.close(dst)
         self.mark_impure(parent, parent_fd)
         restore_times(parent_fd, parent_times)
         node.layers = (UPPER,)

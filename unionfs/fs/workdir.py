@@ -291,6 +291,24 @@ def _lock_holder(fd: int) -> int | None:
     return None
 
 
+def tmpfile_links(work_fd: int) -> bool:
+    """Whether ``work/`` takes O_TMPFILE files and a link through ``/proc/self/fd`` names
+    them (a probe file is linked and removed again)."""
+    try:
+        fd = os.open(b".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=work_fd)
+    except OSError:
+        return False
+    name = temp_name()
+    try:
+        os.link(b"/proc/self/fd/%d" % fd, name, dst_dir_fd=work_fd, follow_symlinks=True)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    os.unlink(name, dir_fd=work_fd)
+    return True
+
+
 class Workdir:
     """The mount's workdir: locked for the mount's life, with ``work/`` open and emptied.
 
@@ -313,6 +331,9 @@ class Workdir:
         # namespace: an unprivileged user, a user namespace): markers are then written in the
         # user.overlay.* namespace, as the kernel's ``userxattr`` mode does.
         self.trusted_refused = False
+        # True when regular files are copied up as O_TMPFILE files linked in through
+        # /proc/self/fd, as the kernel's overlay does on an upper that supports it.
+        self.tmpfile = False
 
     def open(self, workdir: str, read_only: bool) -> list[str]:
         """Lock the workdir and open its ``work/``, through the descriptor opened when the
@@ -364,6 +385,7 @@ class Workdir:
                 "it): mounting read-only"
             ]
         warnings = []
+        self.tmpfile = tmpfile_links(self.work_fd)
         if not format.trusted_xattrs_supported(self.work_fd):
             self.trusted_refused = True
             warnings.append(
