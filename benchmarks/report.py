@@ -362,7 +362,8 @@ def roundtrip_table(rows: list[dict[str, Any]], backends: list[str]) -> str:
 
 
 def requests_table(rows: list[dict[str, Any]], backends: list[str]) -> str:
-    """FUSE requests per operation of every counted container workload, per FUSE backend."""
+    """FUSE requests per operation of every counted workload (round trips have their own
+    table), per FUSE backend."""
     counted = [
         r
         for r in rows
