@@ -3,6 +3,7 @@ events it emits, the counters, and the error boundary of a change that fails hal
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -202,3 +203,43 @@ def test_a_refused_link_falls_back_to_names_and_loses_nothing(
     assert node.layers == (0,) and fs.stats.copy_ups == 3  # the file counted once
     assert os.listdir(tmp_path / "work" / "work") == []
     assert "cannot link O_TMPFILE" in caplog.text
+
+
+def _synced_during_copy_up(fs: Union, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kinds ("dir", "file") of what was fsynced while ``a/b/f`` was copied up."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    node = _node(fs, b"a/b/f")
+    trio.run(lambda: fs.setattr(node.ino, None, AttrChange(mode=0o600)))
+    return synced
+
+
+def test_every_copy_is_synced_before_it_is_moved_in_as_the_kernels(
+    fs: Union, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kernel (metacopy off) syncs a copied-up regular file and directory once its
+    # metadata is set, before it is linked or renamed into place (ovl_copy_up_metadata).
+    assert _synced_during_copy_up(fs, monkeypatch) == ["dir", "dir", "file"]
+
+
+def test_a_volatile_mount_syncs_no_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    (lower / "a" / "b").mkdir(parents=True)
+    (lower / "a" / "b" / "f").write_text("x")
+    upper.mkdir()
+    work.mkdir()
+    cfg = MountConfig(
+        lowers=[str(lower)], mountpoint=str(tmp_path), upper=str(upper), workdir=str(work)
+    )
+    union = Union(dataclasses.replace(cfg, fsync=False))
+    try:
+        assert _synced_during_copy_up(union, monkeypatch) == []
+        assert (upper / "a" / "b" / "f").read_text() == "x"
+    finally:
+        union.close()
