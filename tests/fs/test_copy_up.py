@@ -220,12 +220,12 @@ def _synced_during_copy_up(fs: Union, monkeypatch: pytest.MonkeyPatch) -> list[s
     return synced
 
 
-def test_every_copy_is_synced_before_it_is_moved_in_as_the_kernels(
+def test_the_file_is_synced_and_its_parents_are_not_as_by_the_kernel(
     fs: Union, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The kernel (metacopy off) syncs a copied-up regular file and directory once its
-    # metadata is set, before it is linked or renamed into place (ovl_copy_up_metadata).
-    assert _synced_during_copy_up(fs, monkeypatch) == ["dir", "dir", "file"]
+    # Measured on the kernel's overlay (6.18, ext4 upper): 300 copy-ups of directories cost
+    # the same with and without ``volatile``, regular files far more without it.
+    assert _synced_during_copy_up(fs, monkeypatch) == ["file"]
 
 
 def test_a_volatile_mount_syncs_no_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,12 +4,12 @@ Parents first (:meth:`CopyUp.upper_dir_fd`: each directory built in ``work/`` wi
 mode, xattrs, origin and times, then renamed into place with ``RENAME_NOREPLACE``), then the
 object itself: a regular file is built as an ``O_TMPFILE`` file in ``work/`` and linked in
 over nothing, as the kernel's copy-up does when the upper allows it (else, and for other
-objects, built under a temporary name in ``work/`` and renamed into place). A regular file or
-directory is synced once its metadata is set, before it is moved in (unless ``fsync=0``), as
-the kernel does with metacopy off. A crash at any point leaves either the lower object visible
-or the complete copy (see :mod:`unionfs.fs.workdir`); an unlinked ``O_TMPFILE`` file leaves
-nothing behind at all. The upper parent's times are restored afterwards, as the kernel does: a
-copy-up is not a change.
+objects, built under a temporary name in ``work/`` and renamed into place). A regular file is
+synced once its data and metadata are in, before it is linked (unless ``fsync=0``); a
+directory is not, and neither is it by the kernel. A crash at any point leaves either the
+lower object visible or the complete copy (see :mod:`unionfs.fs.workdir`); an unlinked
+``O_TMPFILE`` file leaves nothing behind at all. The upper parent's times are restored
+afterwards, as the kernel does: a copy-up is not a change.
 
 The request that triggers a file's copy-up is folded into it (:class:`Change`). Copies of
 :data:`BIG_COPY` bytes or more run in a worker thread; a second writer waits for the first
@@ -121,10 +121,6 @@ class CopyUp:
             tmp_fd = open_dir_at(work_fd, tmp)
             try:
                 self.copy_meta(lower_fd, tmp_fd, st, layer=node.layer)
-                if s.opts.fsync:
-                    # As the kernel (metacopy off): a copied-up directory is synced with
-                    # its metadata before it is moved into place, as a regular file is.
-                    os.fsync(tmp_fd)
                 upper_st = os.fstat(tmp_fd)
             finally:
                 os.close(tmp_fd)
@@ -387,7 +383,7 @@ class CopyUp:
                         os.ftruncate(dst, change.size)
                     copied = size
                     self.copy_meta(src, dst, st, change, layer)
-                    if s.opts.fsync:  # after the metadata, as the kernel's
+                    if s.opts.fsync:  # durable before it is linked in
                         os.fsync(dst)
                 finally:
                     os.close(src)
