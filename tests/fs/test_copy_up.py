@@ -228,18 +228,46 @@ def test_the_file_is_synced_and_its_parents_are_not_as_by_the_kernel(
     assert _synced_during_copy_up(fs, monkeypatch) == ["file"]
 
 
-def test_a_volatile_mount_syncs_no_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("content", "fsync", "synced"),
+    [("x", False, []), ("", True, [])],
+    ids=["volatile mount", "empty file"],
+)
+def test_no_sync_for_a_volatile_mount_or_a_copy_without_data(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    content: str,
+    fsync: bool,
+    synced: list[str],
+) -> None:
+    # Measured on the kernel's overlay: chmod of 300 empty lower files costs the same with
+    # and without ``volatile``; of 300 4 KiB files, about 0.2 ms more per file without it.
     lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
     (lower / "a" / "b").mkdir(parents=True)
-    (lower / "a" / "b" / "f").write_text("x")
+    (lower / "a" / "b" / "f").write_text(content)
     upper.mkdir()
     work.mkdir()
     cfg = MountConfig(
         lowers=[str(lower)], mountpoint=str(tmp_path), upper=str(upper), workdir=str(work)
     )
-    union = Union(dataclasses.replace(cfg, fsync=False))
+    union = Union(dataclasses.replace(cfg, fsync=fsync))
     try:
-        assert _synced_during_copy_up(union, monkeypatch) == []
-        assert (upper / "a" / "b" / "f").read_text() == "x"
+        assert _synced_during_copy_up(union, monkeypatch) == synced
+        assert (upper / "a" / "b" / "f").read_text() == content
     finally:
         union.close()
+
+
+def test_an_o_trunc_open_copies_no_data_and_syncs_nothing(
+    fs: Union, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    node = _node(fs, b"a/b/f")
+
+    async def truncate() -> None:
+        fh = await fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        fs.release(fh)
+
+    trio.run(truncate)
+    assert synced == [] and (tmp_path / "upper" / "a" / "b" / "f").read_bytes() == b""

@@ -4,12 +4,12 @@ Parents first (:meth:`CopyUp.upper_dir_fd`: each directory built in ``work/`` wi
 mode, xattrs, origin and times, then renamed into place with ``RENAME_NOREPLACE``), then the
 object itself: a regular file is built as an ``O_TMPFILE`` file in ``work/`` and linked in
 over nothing, as the kernel's copy-up does when the upper allows it (else, and for other
-objects, built under a temporary name in ``work/`` and renamed into place). A regular file is
-synced once its data and metadata are in, before it is linked (unless ``fsync=0``); a
-directory is not, and neither is it by the kernel. A crash at any point leaves either the
-lower object visible or the complete copy (see :mod:`unionfs.fs.workdir`); an unlinked
-``O_TMPFILE`` file leaves nothing behind at all. The upper parent's times are restored
-afterwards, as the kernel does: a copy-up is not a change.
+objects, built under a temporary name in ``work/`` and renamed into place). A regular file
+that took data is synced once its data and metadata are in, before it is linked (unless
+``fsync=0``); an empty copy and a directory are not, as by the kernel. A crash at any point
+leaves either the lower object visible or the complete copy (see :mod:`unionfs.fs.workdir`);
+an unlinked ``O_TMPFILE`` file leaves nothing behind at all. The upper parent's times are
+restored afterwards, as the kernel does: a copy-up is not a change.
 
 The request that triggers a file's copy-up is folded into it (:class:`Change`). Copies of
 :data:`BIG_COPY` bytes or more run in a worker thread; a second writer waits for the first
@@ -383,7 +383,9 @@ class CopyUp:
                         os.ftruncate(dst, change.size)
                     copied = size
                     self.copy_meta(src, dst, st, change, layer)
-                    if s.opts.fsync:  # durable before it is linked in
+                    if s.opts.fsync and size:
+                        # Durable before it is linked in. As the kernel's: a copy that took
+                        # no data (an empty file, an O_TRUNC open) is not synced.
                         os.fsync(dst)
                 finally:
                     os.close(src)
