@@ -136,7 +136,7 @@ def catalogue(scale: Scale) -> list[Workload]:
                 count=label == first_label,
             )
         )
-    chmod_label = next(iter(scale.copyup_sizes))
+    chmod_label = first_label
     out += [
         Workload(
             "chmod_copyup",

@@ -291,23 +291,12 @@ class CopyUp:
 
     def _new_copy(self, work_fd: int) -> tuple[int, bytes | None]:
         """A new, empty file in ``work/`` open for writing, and its name (None for an
-        O_TMPFILE file, which has none until :meth:`_link_copy`)."""
+        O_TMPFILE file, which has none until it is linked in)."""
         if self.wd.tmpfile:
-            return os.open(
-                b".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=work_fd
-            ), None
+            return work.new_tmpfile(work_fd), None
         tmp = work.temp_name()
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         return os.open(tmp, flags, 0o600, dir_fd=work_fd), tmp
-
-    @staticmethod
-    def _link_copy(fd: int, parent_fd: int, name: bytes) -> None:
-        """Give the O_TMPFILE file ``fd`` the name ``name`` in ``parent_fd``; fails on
-        anything that holds the name (EEXIST) and in a removed directory (ENOENT)."""
-        try:
-            os.link(b"/proc/self/fd/%d" % fd, name, dst_dir_fd=parent_fd, follow_symlinks=True)
-        except PermissionError as exc:
-            raise _LinkRefused(exc.strerror) from exc
 
     def _check_gone_name(self, node: Node) -> None:
         """Whether a lower object whose name went away while the kernel held it may be copied
@@ -431,8 +420,11 @@ class CopyUp:
                     os.unlink(format.OCI_WHITEOUT_PREFIX + node.name, dir_fd=parent_fd)
             elif tmp is None:
                 # Never over anything: whatever holds the name now is not this object (see
-                # _check_gone_name).
-                self._link_copy(dst, parent_fd, node.name)
+                # _check_gone_name); ENOENT in a removed directory.
+                try:
+                    work.link_tmpfile(dst, parent_fd, node.name)
+                except PermissionError as exc:
+                    raise _LinkRefused(exc.strerror) from exc
             else:
                 # Over nothing, as the link of an O_TMPFILE copy.
                 renameat2(work_fd, tmp, parent_fd, node.name, RENAME_NOREPLACE)

@@ -291,16 +291,27 @@ def _lock_holder(fd: int) -> int | None:
     return None
 
 
+def new_tmpfile(work_fd: int) -> int:
+    """A new, nameless (``O_TMPFILE``) file in ``work/``, open for writing."""
+    return os.open(b".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=work_fd)
+
+
+def link_tmpfile(fd: int, dir_fd: int, name: bytes) -> None:
+    """Give the ``O_TMPFILE`` file ``fd`` the name ``name`` in ``dir_fd`` (through its
+    ``/proc/self/fd`` link); fails on anything that holds the name (EEXIST)."""
+    os.link(b"/proc/self/fd/%d" % fd, name, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+
 def tmpfile_links(work_fd: int) -> bool:
-    """Whether ``work/`` takes O_TMPFILE files and a link through ``/proc/self/fd`` names
-    them (a probe file is linked and removed again)."""
+    """Whether ``work/`` takes O_TMPFILE files and :func:`link_tmpfile` names them (a probe
+    file is linked and removed again)."""
     try:
-        fd = os.open(b".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=work_fd)
+        fd = new_tmpfile(work_fd)
     except OSError:
         return False
     name = temp_name()
     try:
-        os.link(b"/proc/self/fd/%d" % fd, name, dst_dir_fd=work_fd, follow_symlinks=True)
+        link_tmpfile(fd, work_fd, name)
     except OSError:
         return False
     finally:
